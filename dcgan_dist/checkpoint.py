@@ -1,0 +1,95 @@
+"""Training state <-> one file, written atomically and read with `weights_only=True`.
+
+A checkpoint from step N holds everything needed to run step N+1 exactly as an uninterrupted
+run would: both networks, both optimizers, the step, and every rank's RNG states. The data
+stream is re-seeded from (seed, rank, step), so the data position is a function of the step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcgan_dist.errors import CheckpointError
+from dcgan_dist.step import unwrap
+
+STATE_FILE = "state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, CUDA if present, Python)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    """random.setstate wants nested tuples; a round trip may hand back lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def training_state(g: nn.Module, d: nn.Module, opt_g, opt_d, step: int, rng: list[dict], config: dict) -> dict:
+    """The dict a checkpoint holds; `rng` has one entry per rank (index = rank)."""
+    return {
+        "step": step,
+        "generator": unwrap(g).state_dict(),
+        "discriminator": unwrap(d).state_dict(),
+        "opt_g": opt_g.state_dict(),
+        "opt_d": opt_d.state_dict(),
+        "rng": rng,
+        "config": config,
+    }
+
+
+def save(state: dict, directory: str | Path) -> Path:
+    """Write `state.pt` into `directory` via a temp file + rename: never a half-written file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / STATE_FILE
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by `save` (tensors and plain containers only)."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no {STATE_FILE} in checkpoint directory {directory}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
+
+
+def restore(state: dict, g: nn.Module, d: nn.Module, opt_g, opt_d) -> None:
+    """Load networks and optimizers in place (the RNG is restored per rank by the caller)."""
+    try:
+        unwrap(g).load_state_dict(state["generator"])
+        unwrap(d).load_state_dict(state["discriminator"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint does not match the model config (model.* keys): {e}") from None
+    opt_g.load_state_dict(state["opt_g"])
+    opt_d.load_state_dict(state["opt_d"])

@@ -1,0 +1,44 @@
+"""What every job's command line shares: `--config FILE`, `--set key=value`, logging, clean errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from dcgan_dist.config import Config, describe, load_config
+from dcgan_dist.errors import DcganError
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", help="YAML file with config sections (model:, data:, train:, ray:, tracking:)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
+    return p
+
+
+def parse_config(args: argparse.Namespace) -> Config:
+    if args.help_config:
+        print(describe())
+        sys.exit(0)
+    return load_config(args.config, args.overrides)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a job's main; our own errors become one line on stderr and exit code 2, not a traceback."""
+    setup_logging()
+    try:
+        sys.exit(main() or 0)
+    except DcganError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

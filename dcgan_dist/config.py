@@ -1,0 +1,260 @@
+"""The typed config tree: every key has a default and a one-line doc.
+
+Users override with a YAML file and `--set a.b=value`; unknown keys, wrong types and
+invalid values fail with a `ConfigError` that names the key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dcgan_dist.errors import ConfigError
+
+PRESETS = {
+    # pytorch/examples dcgan: 64 channels, 4x4 kernels.
+    "examples": {"ngf": 64, "ndf": 64, "kernel": 4},
+    # The paper's Theano code: 128 base channels (1024 at 4x4 for 64x64), 5x5 kernels.
+    "paper": {"ngf": 128, "ndf": 128, "kernel": 5},
+}
+RESOLUTIONS = (32, 64, 128)
+
+
+def doc(text: str, default: Any) -> Any:
+    """A dataclass field with its one-line doc attached (shown by `--help-config`)."""
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    preset: str = doc("architecture preset: 'examples' (pytorch/examples) or 'paper' (ngf=ndf=128, 5x5)", "examples")
+    resolution: int = doc("image side in pixels: 32, 64 or 128 (sets the network depth)", 32)
+    nz: int = doc("latent dimension", 100)
+    ngf: int = doc("generator base channels; 0 = the preset's", 0)
+    ndf: int = doc("discriminator base channels; 0 = the preset's", 0)
+    kernel: int = doc("kernel size of strided layers (4 or 5); 0 = the preset's", 0)
+    nc: int = doc("image channels (1 or 3); 0 = from the data manifest", 0)
+
+
+@dataclass
+class DataConfig:
+    url: str = doc("shards: a local folder with manifest.json, or a brace pattern like dir/shard-{000000..000009}.tar", "data/digits-32")
+    num_workers: int = doc("DataLoader worker processes per training rank (decode happens there)", 1)
+    shuffle_buffer: int = doc("samples held in each stream's shuffle buffer", 1000)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = doc("total optimizer steps (each = one D update + one G update)", 1000)
+    batch_size: int = doc("images per worker per step", 64)
+    lr_g: float = doc("generator Adam learning rate", 2e-4)
+    lr_d: float = doc("discriminator Adam learning rate", 2e-4)
+    beta1: float = doc("Adam beta1 (the paper uses 0.5)", 0.5)
+    beta2: float = doc("Adam beta2", 0.999)
+    seed: int = doc("seed for weights, noise and data order", 0)
+    log_every: int = doc("steps between metric reports", 10)
+    checkpoint_every: int = doc("steps between checkpoints (metrics reach MLflow with each checkpoint)", 100)
+    sample_every: int = doc("steps between 8x8 sample grids (0 = only at the end)", 200)
+    run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "")
+    sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics", False)
+    fail_at_step: int = doc("testing aid: raise once at this step in the first attempt (0 = never)", 0)
+
+
+@dataclass
+class RayConfig:
+    address: str = doc("Ray cluster: '' = start a local one, 'auto' = the one this job runs in, or ray://host:port", "")
+    num_workers: int = doc("training workers (DDP ranks)", 2)
+    use_gpu: bool = doc("one GPU per worker and NCCL; False = CPU with gloo", False)
+    cpus_per_worker: float = doc("CPUs reserved per worker", 1.0)
+    storage_path: str = doc("where checkpoints go: a local folder or s3://bucket/prefix", "ray_results")
+    max_failures: int = doc("worker-group restarts allowed before the run fails (-1 = unlimited)", 2)
+    keep_checkpoints: int = doc("checkpoints kept per run (oldest deleted first)", 3)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = doc("MLflow tracking URI (sqlite:///file.db, http://host:5000, ...)", "sqlite:///mlflow.db")
+    experiment: str = doc("MLflow experiment name", "dcgan")
+    model_name: str = doc("registered model name for the trained generator", "dcgan-generator")
+    register: bool = doc("log and register the generator at the end of training", True)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"train.steps": 1000, ...}`: the form logged as MLflow params."""
+        return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _convert(key: str, value: Any, typ: Any) -> Any:
+    """Coerce a YAML or `--set` value to the field's type, or fail naming the key."""
+    if isinstance(typ, str):  # postponed annotations
+        typ = {"int": int, "float": float, "str": str, "bool": bool}[typ]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _section_fields(section: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(section)}
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set `section.name` from a raw value, checking the key and type."""
+    parts = key.split(".")
+    sections = _section_fields(cfg)
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(
+            f"unknown config key {key!r}: keys look like 'section.name' with section one of "
+            f"{', '.join(sections)}"
+        )
+    section = getattr(cfg, parts[0])
+    fields = _section_fields(section)
+    if parts[1] not in fields:
+        raise ConfigError(f"unknown config key {key!r}; known keys in {parts[0]}: {', '.join(fields)}")
+    setattr(section, parts[1], _convert(key, value, fields[parts[1]].type))
+
+
+def _apply_mapping(cfg: Config, data: dict, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model:, train:, ...), got {type(data).__name__}")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            set_key(cfg, str(section), values)  # fails with the key's name
+        for name, value in values.items():
+            set_key(cfg, f"{section}.{name}", value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.steps=200` -> ("train.steps", 200); the value is read as YAML (so 1e-4, true work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.steps=200")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then `--set` overrides; then validation and preset resolution."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        _apply_mapping(cfg, data, str(path))
+    for text in overrides:
+        set_key(cfg, *parse_override(text))
+    return validate(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (as shipped to Ray workers)."""
+    cfg = Config()
+    _apply_mapping(cfg, data, "config")
+    return validate(cfg)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and fill preset-derived values, so what gets logged is what ran."""
+    m, t, r = cfg.model, cfg.train, cfg.ray
+    _check(m.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {m.preset!r}")
+    _check(m.resolution in RESOLUTIONS, "model.resolution", f"must be one of {RESOLUTIONS}, got {m.resolution}")
+    for name in ("ngf", "ndf", "kernel"):
+        if getattr(m, name) == 0:
+            setattr(m, name, PRESETS[m.preset][name])
+        _check(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
+    _check(m.kernel in (4, 5), "model.kernel", f"must be 4 or 5, got {m.kernel}")
+    _check(m.nz > 0, "model.nz", f"must be positive, got {m.nz}")
+    _check(m.nc in (0, 1, 3), "model.nc", f"must be 1, 3 or 0 (from the data), got {m.nc}")
+    _check(bool(cfg.data.url), "data.url", "must name a shard folder, brace pattern or s3:// prefix")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {cfg.data.shuffle_buffer}")
+    for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+        _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
+    _check(t.batch_size >= 2, "train.batch_size", "must be >= 2 (batch norm needs more than one sample)")
+    _check(t.sample_every >= 0, "train.sample_every", f"must be >= 0, got {t.sample_every}")
+    for name in ("lr_g", "lr_d"):
+        _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
+    for name in ("beta1", "beta2"):
+        _check(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
+    _check(t.fail_at_step >= 0, "train.fail_at_step", f"must be >= 0, got {t.fail_at_step}")
+    _check("/" not in t.run_name, "train.run_name", f"must not contain '/', got {t.run_name!r}")
+    _check(r.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {r.num_workers}")
+    _check(r.cpus_per_worker > 0, "ray.cpus_per_worker", f"must be positive, got {r.cpus_per_worker}")
+    _check(r.max_failures >= -1, "ray.max_failures", f"must be >= -1, got {r.max_failures}")
+    _check(r.keep_checkpoints >= 1, "ray.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
+    _check(bool(r.storage_path), "ray.storage_path", "must not be empty")
+    _check(bool(cfg.tracking.uri), "tracking.uri", "must not be empty")
+    _check(bool(cfg.tracking.model_name), "tracking.model_name", "must not be empty")
+    return cfg
+
+
+def describe() -> str:
+    """Every key with its default and doc: the configuration reference (`--help-config`)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(section.default_factory()):
+            default = getattr(section.default_factory(), f.name)
+            lines.append(f"  {section.name}.{f.name} = {default!r}\n      {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

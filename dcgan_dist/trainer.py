@@ -1,0 +1,119 @@
+"""The driver side of a training run: check inputs, start Ray, run the TorchTrainer, register G.
+
+Runs wherever `jobs/train.py` runs: a laptop (starting a local Ray), or the head node under
+`ray job submit` (`ray.address=auto`). Inputs are checked here, before any worker starts, so a
+bad path or config fails in seconds with a message instead of inside a remote worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from dcgan_dist import checkpoint, tracking
+from dcgan_dist.config import Config, DataConfig
+from dcgan_dist.data import shards, sources
+from dcgan_dist.data.loader import resolve_shards
+from dcgan_dist.errors import ConfigError, DataError
+from dcgan_dist.models import build_generator
+from dcgan_dist.train_loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    run_name: str
+    run_id: str
+    step: int
+    metrics: dict
+    checkpoint_path: str
+    model_version: str | None
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def prepare_inputs(cfg: Config) -> Config:
+    """Absolute paths (workers run in other folders), default data built if missing, nc from the manifest."""
+    if not _is_remote(cfg.data.url):
+        if cfg.data.url == DataConfig.url and not Path(cfg.data.url).exists():
+            log.info("building the embedded digits dataset in %s", cfg.data.url)
+            total, items = sources.digits(32)
+            shards.build_shards(items, cfg.data.url, source="digits", resolution=32, channels=1, total=total)
+        cfg.data.url = str(Path(cfg.data.url).resolve()) if "{" not in cfg.data.url else cfg.data.url
+    if not _is_remote(cfg.ray.storage_path):
+        cfg.ray.storage_path = str(Path(cfg.ray.storage_path).resolve())
+    cfg.tracking.uri = tracking.resolve_uri(cfg.tracking.uri)
+
+    shard_set = resolve_shards(cfg.data.url)
+    if shard_set.manifest:
+        if shard_set.resolution != cfg.model.resolution:
+            raise ConfigError(
+                f"model.resolution is {cfg.model.resolution} but the shards in data.url are "
+                f"{shard_set.resolution}x{shard_set.resolution}; set --set model.resolution={shard_set.resolution}"
+            )
+        if cfg.model.nc and cfg.model.nc != shard_set.channels:
+            raise ConfigError(f"model.nc is {cfg.model.nc} but the shards have {shard_set.channels} channel(s)")
+        cfg.model.nc = shard_set.channels
+    elif not cfg.model.nc:
+        raise DataError(f"data.url {cfg.data.url!r} has no manifest.json: set model.nc (1 or 3) explicitly")
+    if not cfg.train.run_name:
+        cfg.train.run_name = time.strftime("dcgan-%Y%m%d-%H%M%S")
+    return cfg
+
+
+def init_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address)
+    else:
+        ray.init()
+
+
+def train(cfg: Config) -> TrainOutcome:
+    """Run (or resume) the training run `cfg.train.run_name` to `cfg.train.steps` steps."""
+    cfg = prepare_inputs(cfg)
+    run_name = cfg.train.run_name
+    run_id, resumed = tracking.start_run(cfg, run_name)
+    log.info("%s MLflow run %s (%s), run name %r", "resuming" if resumed else "started", run_id, cfg.tracking.uri, run_name)
+    init_ray(cfg)
+    r = cfg.ray
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=r.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(cfg, run_id, "FAILED")
+        raise
+    if result.checkpoint is None:
+        tracking.end_run(cfg, run_id, "FAILED")
+        raise RuntimeError(f"run {run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = checkpoint.load(ckpt_dir)
+    version = None
+    if cfg.tracking.register:
+        g = build_generator(cfg.model, cfg.model.nc)
+        g.load_state_dict(state["generator"])
+        version = tracking.log_generator(cfg, run_id, g, state["step"])
+    tracking.end_run(cfg, run_id)
+    return TrainOutcome(run_name, run_id, state["step"], dict(result.metrics or {}), result.checkpoint.path, version)

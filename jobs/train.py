@@ -1,0 +1,27 @@
+"""Train a DCGAN with Ray Train (DDP) on WebDataset shards, tracked in MLflow.
+
+    python jobs/train.py                                   # local Ray, 2 CPU workers, embedded digits
+    python jobs/train.py --set train.steps=5000 --set data.url=data/bedrooms-64 --set model.resolution=64
+    ray job submit --working-dir . -- python jobs/train.py --set ray.address=auto ...
+"""
+
+from dcgan_dist.cli import config_parser, parse_config, run_main
+
+
+def main() -> int:
+    args = config_parser(__doc__.splitlines()[0]).parse_args()
+    cfg = parse_config(args)
+    from dcgan_dist.trainer import train  # after parsing: --help stays fast
+
+    out = train(cfg)
+    uri = out and f"models:/{cfg.tracking.model_name}/{out.model_version}"
+    print(f"\nrun {out.run_name!r} finished at step {out.step}; last checkpoint: {out.checkpoint_path}")
+    print(f"  resume or extend:  python jobs/train.py --set train.run_name={out.run_name} --set train.steps=N")
+    print(f"  browse runs:       mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    if out.model_version:
+        print(f"  generator:         {uri}  (and models:/{cfg.tracking.model_name}@champion)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
