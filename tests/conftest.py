@@ -1,0 +1,54 @@
+"""Shared fixtures: real shards, a real local Ray cluster, a real sqlite MLflow store. No mocks."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+# Token auth would make a later `ray start --head` + `ray job submit` fail (see PITFALLS).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The embedded digits as 32x32 shards, built once per session with the real shard writer."""
+    from dcgan_dist.data import shards, sources
+
+    out = tmp_path_factory.mktemp("data") / "digits-32"
+    total, items = sources.digits(32)
+    shards.build_shards(items, out, source="digits", resolution=32, channels=1, total=total, shard_size=500)
+    return out
+
+
+def tiny_overrides(tmp: Path, digits: Path, **extra) -> list[str]:
+    """A small, fast training config on the digits shards, all state under `tmp`."""
+    values = {
+        "data.url": str(digits),
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 200,
+        "model.ngf": 8,
+        "model.ndf": 8,
+        "train.batch_size": 16,
+        "train.steps": 12,
+        "train.log_every": 2,
+        "train.checkpoint_every": 4,
+        "train.sample_every": 6,
+        "ray.storage_path": str(tmp / "ray_results"),
+        "ray.cpus_per_worker": 0.5,
+        "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from dcgan_dist import checkpoint
+from dcgan_dist.config import load_config
+from dcgan_dist.errors import CheckpointError
+from dcgan_dist.models import build_discriminator, build_generator
+from dcgan_dist.step import GANStep, make_optimizers
+
+
+def fresh(seed):
+    cfg = load_config(overrides=["model.ngf=8", "model.ndf=8"])
+    torch.manual_seed(seed)
+    g, d = build_generator(cfg.model, 1), build_discriminator(cfg.model, 1)
+    opt_g, opt_d = make_optimizers(g, d, cfg.train)
+    return cfg, g, d, opt_g, opt_d
+
+
+def test_round_trip_continues_bit_identically(tmp_path):
+    cfg, g, d, opt_g, opt_d = fresh(0)
+    step = GANStep(g, d, opt_g, opt_d, cfg.model.nz)
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    for _ in range(3):
+        step(real)
+    checkpoint.save(checkpoint.training_state(g, d, opt_g, opt_d, 3, [checkpoint.rng_state()], cfg.to_dict()), tmp_path)
+    expected = [step(real) for _ in range(2)]
+
+    _, g2, d2, og2, od2 = fresh(123)  # different weights and RNG until restored
+    state = checkpoint.load(tmp_path)
+    checkpoint.restore(state, g2, d2, og2, od2)
+    checkpoint.set_rng_state(state["rng"][0])
+    assert state["step"] == 3
+    step2 = GANStep(g2, d2, og2, od2, cfg.model.nz)
+    got = [step2(real) for _ in range(2)]
+    for a, b in zip(expected, got):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    for p, q in zip(g.state_dict().values(), g2.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    cfg, g, d, opt_g, opt_d = fresh(0)
+    state = checkpoint.training_state(g, d, opt_g, opt_d, 1, [checkpoint.rng_state()], cfg.to_dict())
+    checkpoint.save(state, tmp_path)
+    checkpoint.save(state, tmp_path)  # overwrite in place
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_unreadable_and_mismatched_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="no state.pt"):
+        checkpoint.load(tmp_path)
+    (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        checkpoint.load(tmp_path)
+    cfg, g, d, opt_g, opt_d = fresh(0)
+    checkpoint.save(checkpoint.training_state(g, d, opt_g, opt_d, 1, [], cfg.to_dict()), tmp_path)
+    big = load_config(overrides=["model.ngf=16", "model.ndf=8"])
+    g16 = build_generator(big.model, 1)
+    with pytest.raises(CheckpointError, match="model"):
+        checkpoint.restore(checkpoint.load(tmp_path), g16, d, *make_optimizers(g16, d, big.train))

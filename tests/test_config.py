@@ -1,0 +1,73 @@
+import pytest
+
+from dcgan_dist.config import describe, from_dict, load_config
+from dcgan_dist.errors import ConfigError
+
+REQUIRED = """model.resolution model.nz model.ngf model.ndf model.preset data.url train.steps train.batch_size
+train.lr_g train.lr_d train.beta1 train.seed train.checkpoint_every train.sample_every ray.address
+ray.num_workers ray.use_gpu ray.storage_path ray.max_failures tracking.uri tracking.experiment
+tracking.model_name""".split()
+
+
+def test_required_keys_exist_with_defaults():
+    flat = load_config().flat()
+    assert set(REQUIRED) <= set(flat)
+    assert flat["train.lr_g"] == 2e-4 and flat["train.beta1"] == 0.5
+    assert flat["tracking.model_name"] == "dcgan-generator"
+    assert flat["tracking.uri"] == "sqlite:///mlflow.db"
+    text = describe()
+    assert all(k in text for k in REQUIRED)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(overrides=["train.steps=200", "train.lr_d=1e-4", "ray.use_gpu=true", "model.resolution=64"])
+    assert cfg.train.steps == 200 and cfg.train.lr_d == 1e-4 and cfg.ray.use_gpu is True
+    assert cfg.model.resolution == 64
+
+
+def test_presets_fill_unset_channels():
+    assert (load_config().model.ngf, load_config().model.kernel) == (64, 4)
+    paper = load_config(overrides=["model.preset=paper"]).model
+    assert (paper.ngf, paper.ndf, paper.kernel) == (128, 128, 5)
+    assert load_config(overrides=["model.preset=paper", "model.ngf=32"]).model.ngf == 32
+
+
+def test_yaml_file_and_round_trip(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 77\n  batch_size: 8\nmodel:\n  resolution: 64\n")
+    cfg = load_config(f, ["train.steps=78"])
+    assert cfg.train.steps == 78 and cfg.train.batch_size == 8 and cfg.model.resolution == 64
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.stepz=5", "train.stepz"),
+        ("trian.steps=5", "trian.steps"),
+        ("train.steps=abc", "train.steps"),
+        ("train.lr_g=fast", "train.lr_g"),
+        ("ray.use_gpu=maybe", "ray.use_gpu"),
+        ("model.resolution=48", "model.resolution"),
+        ("model.preset=huge", "model.preset"),
+        ("train.beta1=1.5", "train.beta1"),
+        ("train.batch_size=1", "train.batch_size"),
+        ("train.steps", "KEY=VALUE"),
+    ],
+)
+def test_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(unknown)

@@ -1,0 +1,155 @@
+import hashlib
+import io
+import json
+import logging
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from dcgan_dist.data import shards, sources
+from dcgan_dist.data.loader import make_batches, resolve_shards, to_model_input
+from dcgan_dist.errors import DataError
+
+
+def test_digits_manifest_is_exact(digits_dir):
+    m = json.loads((digits_dir / "manifest.json").read_text())
+    assert (m["source"], m["resolution"], m["channels"], m["num_images"]) == ("digits", 32, 1, 1797)
+    assert [s["count"] for s in m["shards"]] == [500, 500, 500, 297]
+    for s in m["shards"]:
+        data = (digits_dir / s["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+    with tarfile.open(digits_dir / "shard-000000.tar") as tar:
+        names = tar.getnames()
+        assert "000000000.png" in names and "000000000.cls" in names
+        img = Image.open(tar.extractfile("000000000.png"))
+        assert img.size == (32, 32) and img.mode == "L"
+    assert not list(digits_dir.glob(".*tmp"))  # no temp files left behind
+
+
+def write_image(path, size, color=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def test_folder_source_skips_and_names_corrupt_images(tmp_path, caplog):
+    src = tmp_path / "photos"
+    write_image(src / "a.jpg", (120, 80))
+    write_image(src / "sub" / "b.png", (50, 90))
+    write_image(src / "sub" / "c.webp", (64, 64))
+    (src / "sub" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (src / "notes.txt").write_text("ignored")
+    total, items = sources.folder(src, 32)
+    with caplog.at_level(logging.WARNING):
+        m = shards.build_shards(items, tmp_path / "out", source="folder", resolution=32, channels=3,
+                                encoding="jpg", total=total)
+    assert m["num_images"] == 3 and m["skipped"] == {"count": 1, "ids": ["sub/broken.jpg"]}
+    assert "sub/broken.jpg" in caplog.text
+    batch = next(make_batches(resolve_shards(str(tmp_path / "out")), channels=3, resolution=32,
+                              batch_size=4, seed=0, shuffle_buffer=2))
+    assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.uint8
+
+
+def test_resize_center_crop_keeps_the_center():
+    img = Image.new("RGB", (300, 100), (0, 0, 0))
+    img.paste((255, 255, 255), (100, 0, 200, 100))  # a white center square
+    out = sources.resize_center_crop(img, 32)
+    assert out.size == (32, 32)
+    assert out.convert("L").getextrema()[0] > 200  # all white: the crop is the center
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        sources.folder(tmp_path / "missing", 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no"):
+        sources.folder(tmp_path / "empty", 32)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"garbage")
+    total, items = sources.folder(tmp_path / "bad", 32)
+    with pytest.raises(DataError, match="all 1 were skipped"):
+        shards.build_shards(items, tmp_path / "out", source="folder", resolution=32, channels=3)
+
+
+def test_resolve_shards_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*prepare_data"):
+        resolve_shards(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no manifest.json and no"):
+        resolve_shards(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="do not exist"):
+        resolve_shards(str(tmp_path / "shard-{000000..000003}.tar"))
+    (tmp_path / "badman").mkdir()
+    (tmp_path / "badman" / "manifest.json").write_text("{}")
+    with pytest.raises(DataError, match="not a valid shard manifest"):
+        resolve_shards(str(tmp_path / "badman"))
+
+
+def test_brace_pattern_and_bare_folder(digits_dir):
+    pattern = str(digits_dir / "shard-{000000..000003}.tar")
+    assert len(resolve_shards(pattern).urls) == 4
+    assert resolve_shards(pattern).manifest is None
+
+
+def stream(digits_dir, **kw):
+    args = dict(channels=1, resolution=32, batch_size=32, seed=0, shuffle_buffer=100)
+    args.update(kw)
+    return make_batches(resolve_shards(str(digits_dir)), **args)
+
+
+def test_stream_is_seeded_per_rank_and_step(digits_dir):
+    a, b = next(stream(digits_dir, rank=0)), next(stream(digits_dir, rank=0))
+    c = next(stream(digits_dir, rank=1))
+    d = next(stream(digits_dir, rank=0, start_step=11))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+    x = to_model_input(a, "cpu")
+    assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1 and x.max() > 0.9
+
+
+def test_stream_with_dataloader_workers(digits_dir):
+    it = stream(digits_dir, num_workers=2, batch_size=64)
+    batches = [next(it) for _ in range(6)]
+    assert all(b.shape == (64, 1, 32, 32) for b in batches)
+    assert it.skipped == 0
+
+
+def tar_bytes(members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def png_bytes():
+    buf = io.BytesIO()
+    Image.new("L", (32, 32), 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_corrupt_sample_and_truncated_shards_are_skipped_and_counted(tmp_path, caplog):
+    from dcgan_dist.data.shards import write_atomic
+
+    good = tar_bytes([(f"{i:04d}.png", png_bytes()) for i in range(20)] + [("0020.png", b"corrupt!")])
+    whole = tar_bytes([(f"{i:04d}.png", png_bytes()) for i in range(20)])
+    files = {
+        "shard-000000.tar": (good, 21),
+        "shard-000001.tar": (whole[: len(whole) // 2 + 100], 20),  # cut inside a header
+        "shard-000002.tar": (whole[: len(whole) // 2 + 700], 20),  # cut inside a member's data
+    }
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_bytes(data)
+    manifest = {"channels": 1, "resolution": 32, "shards": [{"name": n, "count": c} for n, (_, c) in files.items()]}
+    write_atomic(tmp_path / "manifest.json", json.dumps(manifest).encode())
+    with caplog.at_level(logging.WARNING):
+        it = make_batches(resolve_shards(str(tmp_path)), channels=1, resolution=32, batch_size=8, seed=0,
+                          shuffle_buffer=4)
+        for _ in range(20):
+            assert next(it).shape == (8, 1, 32, 32)
+    assert it.skipped >= 3
+    for needle in ("sample 0020", "shard-000001.tar truncated", "shard-000002.tar"):
+        assert needle in caplog.text
