@@ -49,7 +49,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = doc("total optimizer steps (each = one D update + one G update)", 1000)
+    steps: int = doc("total optimizer steps (each = one D update + one G update)", 500)
     batch_size: int = doc("images per worker per step", 64)
     lr_g: float = doc("generator Adam learning rate", 2e-4)
     lr_d: float = doc("discriminator Adam learning rate", 2e-4)
@@ -58,7 +58,7 @@ class TrainConfig:
     seed: int = doc("seed for weights, noise and data order", 0)
     log_every: int = doc("steps between metric reports", 10)
     checkpoint_every: int = doc("steps between checkpoints (metrics reach MLflow with each checkpoint)", 100)
-    sample_every: int = doc("steps between 8x8 sample grids (0 = only at the end)", 200)
+    sample_every: int = doc("steps between 8x8 sample grids (0 = only at the end)", 100)
     run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "")
     sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics", False)
     fail_at_step: int = doc("testing aid: raise once at this step in the first attempt (0 = never)", 0)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake")
 GRID_SAMPLES = 64
+NOT_LOGGED = ("step", "start_step", "g_digests")  # reported to Ray, not MLflow metrics
 
 
 def fixed_noise(cfg: Config) -> torch.Tensor:
@@ -53,6 +54,7 @@ def gather(obj) -> list:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -108,6 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics["images_per_s"] = window_steps * t.batch_size * world / elapsed
             metrics["data_skipped"] = sum(gather(batches.skipped))
             metrics["step"] = step
+            metrics["start_step"] = start  # the step this attempt began at (> 1 after a resume)
             ckpt = None
             if save_now:
                 rngs = gather(checkpoint.rng_state())
@@ -119,7 +122,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}" if save_now else None)
             if logger:
-                logger.add(step, {k: v for k, v in metrics.items() if k not in ("step", "g_digests")})
+                log.info("step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.2f  D(G(z)) %.2f  %.0f img/s%s", step, t.steps,
+                         metrics["loss_d"], metrics["loss_g"], metrics["d_real"], metrics["d_fake"],
+                         metrics["images_per_s"], "  [checkpoint]" if save_now else "")
+                logger.add(step, {k: v for k, v in metrics.items() if k not in NOT_LOGGED})
                 if save_now:
                     logger.flush()  # the checkpoint is persisted: these steps will not be redone
             sums.zero_()

@@ -98,6 +98,7 @@ def train(cfg: Config) -> TrainOutcome:
             storage_path=r.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our rank 0 logs progress
         ),
     )
     try:

@@ -1,0 +1,61 @@
+"""The jobs as a user runs them: bad input ends in one clear line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, tiny_overrides
+
+
+def run_job(*args, cwd=REPO, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def sets(overrides):
+    return [x for o in overrides for x in ("--set", o)]
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.stepz=5", "unknown config key 'train.stepz'"),
+        ("train.steps=lots", "train.steps: expected an integer, got 'lots'"),
+        ("train.lr_g=fast", "train.lr_g: expected a number"),
+    ],
+)
+def test_train_rejects_bad_config(override, needle):
+    r = run_job("jobs/train.py", "--set", override)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_rejects_bad_data_before_starting_ray(tmp_path, digits_dir):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (tiny_overrides(tmp_path, tmp_path / "missing"), "does not exist; build shards with"),
+        (tiny_overrides(tmp_path, tmp_path / "empty"), "holds no manifest.json and no *.tar shards"),
+        (tiny_overrides(tmp_path, digits_dir, **{"model.resolution": 64}), "model.resolution is 64 but the shards"),
+    ]
+    for overrides, needle in cases:
+        r = run_job("jobs/train.py", *sets(overrides))
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert needle in r.stderr and "Traceback" not in r.stderr
+        assert "Started a local Ray instance" not in r.stderr + r.stdout
+
+
+def test_help_config_lists_every_key():
+    r = run_job("jobs/train.py", "--help-config")
+    assert r.returncode == 0 and "train.checkpoint_every" in r.stdout and "tracking.model_name" in r.stdout
+
+
+def test_prepare_data_digits_and_folder_errors(tmp_path):
+    r = run_job("jobs/prepare_data.py", "digits", "--out", str(tmp_path / "d"), "--shard-size", "900")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert m["num_images"] == 1797 and m["num_shards"] == 2
+    r = run_job("jobs/prepare_data.py", "folder", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
