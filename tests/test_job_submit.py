@@ -18,6 +18,8 @@ def cluster():
     c = LocalRayCluster(num_cpus=2)
     yield c
     c.stop()
+    leftover = subprocess.run(["pgrep", "-f", c.temp_dir], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"processes of the test cluster still running: {leftover}"
 
 
 def test_ray_job_submit_trains_and_logs(cluster, tmp_path, digits_dir):
@@ -34,7 +36,7 @@ def test_ray_job_submit_trains_and_logs(cluster, tmp_path, digits_dir):
     runs = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])
     assert [run.info.run_name for run in runs] == ["submitted"]
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss_d")] == [2, 3, 4, 6]
-    assert client.get_model_version_by_alias("dcgan-generator", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("dcgan-generator", "champion").version) == "1"
     # Only our cluster's processes were started and are stopped by the fixture; the check below
     # runs before teardown to prove the job ran on it (not on a fresh local Ray).
     status = subprocess.run([str(cluster.env["PATH"].split(":")[0] + "/ray"), "job", "list",
