@@ -8,6 +8,7 @@ a worker failure and resume no step appears twice in a metric's history.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+def redact(value: object) -> str:
+    """Drop `user:password@` from URIs so credentials never reach MLflow params or logs."""
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", str(value))
+
+
 def start_run(cfg: Config, run_name: str) -> tuple[str, bool]:
     """Create the MLflow run for `run_name`, or find it again when the run resumes. Returns (id, resumed)."""
     uri = cfg.tracking.uri
@@ -50,13 +56,13 @@ def start_run(cfg: Config, run_name: str) -> tuple[str, bool]:
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
-        client.log_text(run_id, cfg.to_yaml(), f"config-resumed-{int(time.time())}.yaml")
+        client.log_text(run_id, redact(cfg.to_yaml()), f"config-resumed-{int(time.time())}.yaml")
         return run_id, True
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
     run_id = run.info.run_id
-    params = [mlflow.entities.Param(k, str(v)) for k, v in cfg.flat().items()]
+    params = [mlflow.entities.Param(k, redact(v)) for k, v in cfg.flat().items()]
     client.log_batch(run_id, params=params)
-    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    client.log_text(run_id, redact(cfg.to_yaml()), "config.yaml")
     return run_id, False
 
 
@@ -90,15 +96,24 @@ class RunLogger:
 
 
 def log_generator(cfg: Config, run_id: str, generator: torch.nn.Module, step: int):
-    """Log G as an MLflow pytorch model, register a new version; give it `champion` if none has it."""
+    """Log G as an MLflow pytorch model, register a new version; give it `champion` if none has it.
+
+    Re-running a finished run does not register the same step twice: the existing version is returned.
+    """
     from mlflow.models import infer_signature
+
+    client = MlflowClient(cfg.tracking.uri)
+    name = cfg.tracking.model_name
+    for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        if mv.tags.get("step") == str(step):
+            log.info("%s version %s already holds step %d of this run", name, mv.version, step)
+            return str(mv.version)
 
     generator = generator.cpu().eval()
     z = torch.randn(4, cfg.model.nz, generator=torch.Generator().manual_seed(0)).numpy()
     with torch.no_grad():
         out = generator(torch.from_numpy(z)).numpy()
     torch_req = torch.__version__.split("+")[0]
-    name = cfg.tracking.model_name
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             generator,
@@ -109,7 +124,6 @@ def log_generator(cfg: Config, run_id: str, generator: torch.nn.Module, step: in
             registered_model_name=name,
             step=step,
         )
-    client = MlflowClient(cfg.tracking.uri)
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, RUN_NAME_TAG, client.get_run(run_id).data.tags[RUN_NAME_TAG])
     client.set_model_version_tag(name, version, "step", str(step))

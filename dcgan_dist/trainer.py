@@ -84,7 +84,8 @@ def train(cfg: Config) -> TrainOutcome:
     cfg = prepare_inputs(cfg)
     run_name = cfg.train.run_name
     run_id, resumed = tracking.start_run(cfg, run_name)
-    log.info("%s MLflow run %s (%s), run name %r", "resuming" if resumed else "started", run_id, cfg.tracking.uri, run_name)
+    log.info("%s MLflow run %s (%s), run name %r", "resuming" if resumed else "started", run_id,
+             tracking.redact(cfg.tracking.uri), run_name)
     init_ray(cfg)
     r = cfg.ray
     trainer = TorchTrainer(

@@ -11,15 +11,16 @@ from dcgan_dist.cli import config_parser, parse_config, run_main
 def main() -> int:
     args = config_parser(__doc__.splitlines()[0]).parse_args()
     cfg = parse_config(args)
+    from dcgan_dist.tracking import redact
     from dcgan_dist.trainer import train  # after parsing: --help stays fast
 
     out = train(cfg)
-    uri = out and f"models:/{cfg.tracking.model_name}/{out.model_version}"
     print(f"\nrun {out.run_name!r} finished at step {out.step}; last checkpoint: {out.checkpoint_path}")
     print(f"  resume or extend:  python jobs/train.py --set train.run_name={out.run_name} --set train.steps=N")
-    print(f"  browse runs:       mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    print(f"  browse runs:       mlflow ui --backend-store-uri {redact(cfg.tracking.uri)}")
     if out.model_version:
-        print(f"  generator:         {uri}  (and models:/{cfg.tracking.model_name}@champion)")
+        name = cfg.tracking.model_name
+        print(f"  generator:         models:/{name}/{out.model_version}  (champion: models:/{name}@champion)")
     return 0
 
 

@@ -50,6 +50,11 @@ def test_two_worker_run_tracks_registers_and_keeps_ranks_in_sync(local_ray, tmp_
     assert images.shape == (5, 1, 32, 32)
     assert images.min() >= -1 and images.max() <= 1 and images.std() > 0
 
+    again = train(load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "e2e"})))
+    assert again.run_id == out.run_id and again.step == 12  # nothing left to train
+    assert again.model_version == "1"  # the same step is not registered twice
+    assert len(client.search_model_versions("name='dcgan-generator'")) == 1
+
 
 def test_worker_failure_resumes_from_checkpoint_without_repeating_steps(local_ray, tmp_path, digits_dir):
     overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "crashy", "train.fail_at_step": 7,

@@ -1,0 +1,1 @@
+"""Data plane: sources -> preprocessing -> WebDataset tar shards + manifest -> a per-rank stream."""

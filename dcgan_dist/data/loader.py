@@ -1,0 +1,214 @@
+"""The one data path for training, evaluation and experiments: shards -> per-rank infinite stream.
+
+Every rank (and every DataLoader worker inside it) draws shards from the whole set with
+replacement, seeded by (seed, rank, worker, start step). The stream never ends, so every rank
+runs exactly `train.steps` steps and DDP cannot hang on uneven shard counts, and a resumed run
+re-seeds from its checkpoint's step. Bad samples and truncated shards are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from PIL import Image
+
+from dcgan_dist.data.shards import MANIFEST
+from dcgan_dist.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardSet:
+    urls: list[str]
+    manifest: dict | None  # None for a bare brace pattern
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Samples per shard URL from the manifest: lets the reader notice a truncated shard."""
+        return {u: s["count"] for u, s in zip(self.urls, self.manifest["shards"])} if self.manifest else {}
+
+    @property
+    def channels(self) -> int | None:
+        return self.manifest["channels"] if self.manifest else None
+
+    @property
+    def resolution(self) -> int | None:
+        return self.manifest["resolution"] if self.manifest else None
+
+
+def resolve_shards(url: str) -> ShardSet:
+    """A shard folder (with manifest.json, or *.tar) or a brace pattern -> shard URLs, checked to exist."""
+    if "{" in url:
+        urls = list(braceexpand(url))
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing:
+            raise DataError(f"data.url {url!r}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+        return ShardSet(urls, None)
+    root = Path(url)
+    if not root.exists():
+        raise DataError(
+            f"data.url {url!r} does not exist; build shards with "
+            f"`python jobs/prepare_data.py digits --out {url}` (or `folder PATH --out {url}`)"
+        )
+    if not root.is_dir():
+        raise DataError(f"data.url {url!r} is not a directory of shards")
+    manifest_path = root / MANIFEST
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            names = [s["name"] for s in manifest["shards"]]
+            manifest["channels"], manifest["resolution"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{manifest_path} is not a valid shard manifest ({type(e).__name__}: {e})") from None
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            raise DataError(f"{manifest_path} lists {len(missing)} shard(s) missing from {root} (first: {missing[0]})")
+        if not names:
+            raise DataError(f"{manifest_path} lists no shards")
+        return ShardSet([str(root / n) for n in names], manifest)
+    urls = sorted(glob.glob(str(root / "*.tar")))
+    if not urls:
+        raise DataError(f"data.url {url!r} holds no manifest.json and no *.tar shards")
+    return ShardSet(urls, None)
+
+
+def open_shard(url: str) -> IO[bytes]:
+    return open(url, "rb")
+
+
+def iter_tar(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group a tar stream's members into WebDataset samples: `key.ext` files sharing one key."""
+    key, sample = None, {}
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            k, _, ext = name.partition(".")
+            if k != key and sample:
+                yield key, sample
+                sample = {}
+            key = k
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield key, sample
+
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+def decode_sample(sample: dict[str, bytes], channels: int, resolution: int) -> torch.Tensor:
+    """Image bytes -> uint8 tensor (C, H, W); raises ValueError on anything unexpected."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"no image field (one of {IMAGE_EXTS}) among {sorted(sample)}")
+    with Image.open(io.BytesIO(sample[ext])) as im:
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    img = torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], channels).copy()).permute(2, 0, 1)
+    if img.shape != (channels, resolution, resolution):
+        raise ValueError(f"image is {tuple(img.shape)}, expected {(channels, resolution, resolution)}")
+    return img
+
+
+class ShardStream(IterableDataset):
+    """Infinite batches of uint8 images for one rank; each DataLoader worker gets its own seed.
+
+    Yields dicts: `image` (B, C, H, W) uint8, plus this worker's cumulative `skipped` count and
+    its `worker` id, so the consumer can sum counts over workers.
+    """
+
+    def __init__(self, urls: list[str], *, counts: dict[str, int] | None = None, channels: int, resolution: int, batch_size: int,
+                 seed: int, rank: int, start_step: int, shuffle_buffer: int = 1000):
+        self.urls, self.counts = urls, counts or {}
+        self.channels, self.resolution = channels, resolution
+        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
+        self.seed, self.rank, self.start_step = seed, rank, start_step
+        self.skipped = 0
+
+    def _samples(self, rng: random.Random) -> Iterator[torch.Tensor]:
+        while True:
+            url = rng.choice(self.urls)
+            key, seen = None, 0
+            try:
+                with open_shard(url) as f:
+                    for key, sample in iter_tar(f):
+                        seen += 1
+                        try:
+                            yield decode_sample(sample, self.channels, self.resolution)
+                        except Exception as e:
+                            self._skip(f"sample {key} in {url}: {type(e).__name__}: {e}")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                self._skip(f"shard {url} unreadable after key {key}: {type(e).__name__}: {e}")
+                continue
+            if seen < self.counts.get(url, 0):  # tarfile ends quietly at a cut header
+                self._skip(f"shard {url} truncated: {seen} of {self.counts[url]} samples after key {key}")
+
+    def _skip(self, what: str) -> None:
+        self.skipped += 1
+        if self.skipped <= 10:
+            log.warning("data: skipping %s", what)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{self.start_step}")
+        buffer: list[torch.Tensor] = []
+        batch: list[torch.Tensor] = []
+        for img in self._samples(rng):
+            buffer.append(img)
+            if len(buffer) < self.shuffle_buffer:
+                continue
+            i = rng.randrange(len(buffer))  # emit a random held sample (swap with last, pop: O(1))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            img = buffer.pop()
+            batch.append(img)
+            if len(batch) == self.batch_size:
+                yield {"image": torch.stack(batch), "skipped": self.skipped, "worker": worker}
+                batch = []
+
+
+class Batches:
+    """Iterate a rank's stream; `skipped` sums the bad samples seen by all its workers."""
+
+    def __init__(self, stream: ShardStream, num_workers: int):
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+        self._it = iter(self.loader)
+        self._skipped: dict[int, int] = {}
+
+    @property
+    def skipped(self) -> int:
+        return sum(self._skipped.values())
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        b = next(self._it)
+        self._skipped[b["worker"]] = b["skipped"]
+        return b["image"]
+
+
+def make_batches(shards: ShardSet, *, channels: int, resolution: int, batch_size: int, seed: int,
+                 rank: int = 0, start_step: int = 0, num_workers: int = 0, shuffle_buffer: int = 1000) -> Batches:
+    stream = ShardStream(shards.urls, counts=shards.counts, channels=channels, resolution=resolution, batch_size=batch_size,
+                         seed=seed, rank=rank, start_step=start_step, shuffle_buffer=shuffle_buffer)
+    return Batches(stream, num_workers)
+
+
+def to_model_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float in [-1, 1] on `device` (converted after the copy: 4x less traffic)."""
+    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
