@@ -29,6 +29,8 @@ def parse_config(args: argparse.Namespace) -> Config:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_main(main: Callable[[], int | None]) -> None:

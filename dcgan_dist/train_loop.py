@@ -108,7 +108,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             elapsed = time.perf_counter() - window_start
             metrics = {k: (sums[i] / (window_steps * world)).item() for i, k in enumerate(METRICS)}
             metrics["images_per_s"] = window_steps * t.batch_size * world / elapsed
-            metrics["data_skipped"] = sum(gather(batches.skipped))
+            metrics["data_skipped"], metrics["data_retries"] = map(sum, zip(*gather((batches.skipped, batches.retries))))
             metrics["step"] = step
             metrics["start_step"] = start  # the step this attempt began at (> 1 after a resume)
             ckpt = None

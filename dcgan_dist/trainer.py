@@ -46,8 +46,7 @@ def prepare_inputs(cfg: Config) -> Config:
     if not _is_remote(cfg.data.url):
         if cfg.data.url == DataConfig.url and not Path(cfg.data.url).exists():
             log.info("building the embedded digits dataset in %s", cfg.data.url)
-            total, items = sources.digits(32)
-            shards.build_shards(items, cfg.data.url, source="digits", resolution=32, channels=1, total=total)
+            shards.build_shards(sources.Digits(), cfg.data.url, resolution=32, encoding="png")
         cfg.data.url = str(Path(cfg.data.url).resolve()) if "{" not in cfg.data.url else cfg.data.url
     if not _is_remote(cfg.ray.storage_path):
         cfg.ray.storage_path = str(Path(cfg.ray.storage_path).resolve())

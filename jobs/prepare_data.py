@@ -1,7 +1,11 @@
-"""Build WebDataset tar shards + manifest.json from an image source.
+"""Build WebDataset tar shards + manifest.json from an image source, locally or into S3.
 
     python jobs/prepare_data.py digits --out data/digits-32
-    python jobs/prepare_data.py folder ~/photos --out data/photos-64 --resolution 64
+    python jobs/prepare_data.py lsun ~/lsun/bedroom_train_lmdb --out s3://my-bucket/lsun/bedroom-64/
+    python jobs/prepare_data.py folder ~/photos --out data/photos-64 --encoding png
+    python jobs/prepare_data.py cifar10 ~/cifar-10-batches-py --out data/cifar10-32 --resolution 32
+
+Re-running the same command after an interruption keeps finished shards and builds the rest.
 """
 
 import argparse
@@ -9,31 +13,42 @@ import argparse
 from dcgan_dist.cli import run_main
 from dcgan_dist.data import shards, sources
 
+HELP = {
+    "digits": "scikit-learn's 1,797 handwritten digits (embedded, grayscale, labels)",
+    "folder": "a directory tree of JPEG/PNG/WebP images (RGB)",
+    "lsun": "an LSUN LMDB directory as distributed, e.g. bedroom_train_lmdb (RGB)",
+    "cifar10": "CIFAR-10 python batches as distributed, the cifar-10-batches-py folder (RGB, labels)",
+}
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="source", required=True)
-    for name, helptext, res in (("digits", "scikit-learn's 1,797 handwritten digits (embedded, grayscale)", 32),
-                                ("folder", "a directory tree of JPEG/PNG/WebP images (RGB)", 64)):
-        s = sub.add_parser(name, help=helptext)
-        if name == "folder":
-            s.add_argument("path", help="root folder, searched recursively")
-        s.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar + manifest.json")
-        s.add_argument("--resolution", type=int, default=res, help=f"output side in pixels (default {res})")
+    for name, helptext in HELP.items():
+        s = sub.add_parser(name, help=helptext, description=helptext)
+        if name != "digits":
+            s.add_argument("path", help="where the source lies")
+        if name == "cifar10":
+            s.add_argument("--split", choices=["train", "test", "all"], default="train")
+        s.add_argument("--out", required=True, help="a local folder or s3://bucket/prefix/")
+        default_res = 32 if name in ("digits", "cifar10") else 64
+        s.add_argument("--resolution", type=int, default=default_res, help=f"side in pixels (default {default_res})")
         s.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-        s.add_argument("--encoding", choices=sorted(shards.ENCODINGS), default="png" if name == "digits" else "jpg")
+        s.add_argument("--encoding", choices=shards.ENCODINGS, default="png" if name == "digits" else "jpg",
+                       help="jpg (small), png (lossless) or raw (uint8 arrays: no decode cost)")
         s.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+        s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = p.parse_args()
     if args.source == "digits":
-        total, items = sources.digits(args.resolution)
-        channels = 1
+        source = sources.Digits()
+    elif args.source == "cifar10":
+        source = sources.Cifar10(args.path, args.split)
     else:
-        total, items = sources.folder(args.path, args.resolution)
-        channels = 3
-    m = shards.build_shards(items, args.out, source=args.source, resolution=args.resolution, channels=channels,
-                            encoding=args.encoding, quality=args.quality, shard_size=args.shard_size, total=total)
-    print(f"{m['num_images']} images in {m['num_shards']} shard(s), {m['total_bytes'] / 1e6:.1f} MB, "
-          f"{m['skipped']['count']} skipped -> {args.out}")
+        source = sources.SOURCES[args.source](args.path)
+    m = shards.build_shards(source, args.out, resolution=args.resolution, encoding=args.encoding,
+                            quality=args.quality, shard_size=args.shard_size, workers=args.workers)
+    print(f"{m['num_images']} images in {m['num_shards']} shard(s), {m['total_bytes'] / 1e6:.1f} MB "
+          f"({m['total_bytes'] / max(1, m['num_images']):.0f} bytes/image), {m['skipped']['count']} skipped -> {args.out}")
     return 0
 
 

@@ -28,8 +28,8 @@ def digits_dir(tmp_path_factory) -> Path:
     from dcgan_dist.data import shards, sources
 
     out = tmp_path_factory.mktemp("data") / "digits-32"
-    total, items = sources.digits(32)
-    shards.build_shards(items, out, source="digits", resolution=32, channels=1, total=total, shard_size=500)
+    shards.build_shards(sources.Digits(), str(out), resolution=32, encoding="png", shard_size=500, workers=2,
+                        progress=False)
     return out
 
 

@@ -26,6 +26,7 @@ def test_digits_manifest_is_exact(digits_dir):
         img = Image.open(tar.extractfile("000000000.png"))
         assert img.size == (32, 32) and img.mode == "L"
     assert not list(digits_dir.glob(".*tmp"))  # no temp files left behind
+    assert sorted(p.name for p in (digits_dir / "parts").iterdir()) == [f"{s['name']}.json" for s in m["shards"]]
 
 
 def write_image(path, size, color=(200, 30, 30)):
@@ -40,10 +41,9 @@ def test_folder_source_skips_and_names_corrupt_images(tmp_path, caplog):
     write_image(src / "sub" / "c.webp", (64, 64))
     (src / "sub" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     (src / "notes.txt").write_text("ignored")
-    total, items = sources.folder(src, 32)
     with caplog.at_level(logging.WARNING):
-        m = shards.build_shards(items, tmp_path / "out", source="folder", resolution=32, channels=3,
-                                encoding="jpg", total=total)
+        m = shards.build_shards(sources.Folder(src), str(tmp_path / "out"), resolution=32, encoding="jpg",
+                                workers=1, progress=False)
     assert m["num_images"] == 3 and m["skipped"] == {"count": 1, "ids": ["sub/broken.jpg"]}
     assert "sub/broken.jpg" in caplog.text
     batch = next(make_batches(resolve_shards(str(tmp_path / "out")), channels=3, resolution=32,
@@ -61,15 +61,15 @@ def test_resize_center_crop_keeps_the_center():
 
 def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        sources.folder(tmp_path / "missing", 32)
+        sources.Folder(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no"):
-        sources.folder(tmp_path / "empty", 32)
+        sources.Folder(tmp_path / "empty")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"garbage")
-    total, items = sources.folder(tmp_path / "bad", 32)
     with pytest.raises(DataError, match="all 1 were skipped"):
-        shards.build_shards(items, tmp_path / "out", source="folder", resolution=32, channels=3)
+        shards.build_shards(sources.Folder(tmp_path / "bad"), str(tmp_path / "out"), resolution=32, workers=1,
+                            progress=False)
 
 
 def test_resolve_shards_errors(tmp_path):

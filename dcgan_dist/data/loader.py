@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
@@ -24,6 +25,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
 
+from dcgan_dist.data import s3
 from dcgan_dist.data.shards import MANIFEST
 from dcgan_dist.errors import DataError
 
@@ -49,8 +51,40 @@ class ShardSet:
         return self.manifest["resolution"] if self.manifest else None
 
 
+def _parse_manifest(text: str | bytes, where: str) -> dict:
+    try:
+        manifest = json.loads(text)
+        [s["name"] for s in manifest["shards"]], manifest["channels"], manifest["resolution"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{where} is not a valid shard manifest ({type(e).__name__}: {e})") from None
+    if not manifest["shards"]:
+        raise DataError(f"{where} lists no shards")
+    return manifest
+
+
+def _resolve_s3(url: str) -> ShardSet:
+    if "{" in url:
+        urls = list(braceexpand(url))
+        if s3.exists(urls[0]) is None:
+            raise DataError(f"data.url {url!r}: the first shard {urls[0]} does not exist")
+        return ShardSet(urls, None)
+    prefix = url.rstrip("/") + "/"
+    s3.check_bucket(prefix, "read shards from")
+    if s3.exists(prefix + MANIFEST):
+        manifest = _parse_manifest(s3.read_bytes(prefix + MANIFEST), prefix + MANIFEST)
+        return ShardSet([prefix + s["name"] for s in manifest["shards"]], manifest)
+    bucket, key_prefix = s3.split(prefix)
+    keys = [k for k in s3.list_keys(prefix) if k.endswith(".tar") and "/" not in k[len(key_prefix):]]
+    urls = sorted(f"s3://{bucket}/{k}" for k in keys)
+    if not urls:
+        raise DataError(f"data.url {url!r} holds no manifest.json and no *.tar shards")
+    return ShardSet(urls, None)
+
+
 def resolve_shards(url: str) -> ShardSet:
-    """A shard folder (with manifest.json, or *.tar) or a brace pattern -> shard URLs, checked to exist."""
+    """A shard folder or s3:// prefix (with manifest.json, or *.tar) or a brace pattern -> shard URLs."""
+    if s3.is_s3(url):
+        return _resolve_s3(url)
     if "{" in url:
         urls = list(braceexpand(url))
         missing = [u for u in urls if not Path(u).is_file()]
@@ -67,17 +101,11 @@ def resolve_shards(url: str) -> ShardSet:
         raise DataError(f"data.url {url!r} is not a directory of shards")
     manifest_path = root / MANIFEST
     if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            names = [s["name"] for s in manifest["shards"]]
-            manifest["channels"], manifest["resolution"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{manifest_path} is not a valid shard manifest ({type(e).__name__}: {e})") from None
+        manifest = _parse_manifest(manifest_path.read_text(), str(manifest_path))
+        names = [s["name"] for s in manifest["shards"]]
         missing = [n for n in names if not (root / n).is_file()]
         if missing:
             raise DataError(f"{manifest_path} lists {len(missing)} shard(s) missing from {root} (first: {missing[0]})")
-        if not names:
-            raise DataError(f"{manifest_path} lists no shards")
         return ShardSet([str(root / n) for n in names], manifest)
     urls = sorted(glob.glob(str(root / "*.tar")))
     if not urls:
@@ -86,6 +114,9 @@ def resolve_shards(url: str) -> ShardSet:
 
 
 def open_shard(url: str) -> IO[bytes]:
+    """A local file, or an S3 object as a stream that resumes after dropped connections."""
+    if s3.is_s3(url):
+        return io.BufferedReader(s3.ResumableBody(url), buffer_size=1 << 20)
     return open(url, "rb")
 
 
@@ -107,7 +138,7 @@ def iter_tar(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, sample
 
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "npy")
 
 
 def decode_sample(sample: dict[str, bytes], channels: int, resolution: int) -> torch.Tensor:
@@ -115,8 +146,13 @@ def decode_sample(sample: dict[str, bytes], channels: int, resolution: int) -> t
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise ValueError(f"no image field (one of {IMAGE_EXTS}) among {sorted(sample)}")
-    with Image.open(io.BytesIO(sample[ext])) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    if ext == "npy":  # raw uint8 HWC arrays: no decode cost
+        arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+    else:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    if arr.dtype != np.uint8 or arr.size != resolution * resolution * channels:
+        raise ValueError(f"image is {arr.dtype} {arr.shape}, expected uint8 {(resolution, resolution, channels)}")
     img = torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], channels).copy()).permute(2, 0, 1)
     if img.shape != (channels, resolution, resolution):
         raise ValueError(f"image is {tuple(img.shape)}, expected {(channels, resolution, resolution)}")
@@ -126,33 +162,43 @@ def decode_sample(sample: dict[str, bytes], channels: int, resolution: int) -> t
 class ShardStream(IterableDataset):
     """Infinite batches of uint8 images for one rank; each DataLoader worker gets its own seed.
 
-    Yields dicts: `image` (B, C, H, W) uint8, plus this worker's cumulative `skipped` count and
-    its `worker` id, so the consumer can sum counts over workers.
+    Yields dicts: `image` (B, C, H, W) uint8, `worker` (its id) and `stats`, this worker's
+    cumulative `skipped` (bad samples, truncated shards) and `retries` (S3 re-requests) counts.
     """
 
-    def __init__(self, urls: list[str], *, counts: dict[str, int] | None = None, channels: int, resolution: int, batch_size: int,
-                 seed: int, rank: int, start_step: int, shuffle_buffer: int = 1000):
+    def __init__(self, urls: list[str], *, counts: dict[str, int] | None = None, channels: int, resolution: int,
+                 batch_size: int, seed: int, rank: int, start_step: int, shuffle_buffer: int = 1000):
         self.urls, self.counts = urls, counts or {}
         self.channels, self.resolution = channels, resolution
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.rank, self.start_step = seed, rank, start_step
-        self.skipped = 0
+        self.skipped = self.retries_done = 0
+        self.current = None  # the open shard stream, whose retries are still counting
+        self.shards_read: Counter[str] = Counter()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        live = getattr(getattr(self.current, "raw", None), "retries", 0)
+        return {"skipped": self.skipped, "retries": self.retries_done + live}
 
     def _samples(self, rng: random.Random) -> Iterator[torch.Tensor]:
         while True:
             url = rng.choice(self.urls)
+            self.shards_read[url] += 1
             key, seen = None, 0
             try:
-                with open_shard(url) as f:
-                    for key, sample in iter_tar(f):
+                with open_shard(url) as self.current:
+                    for key, sample in iter_tar(self.current):
                         seen += 1
                         try:
                             yield decode_sample(sample, self.channels, self.resolution)
                         except Exception as e:
                             self._skip(f"sample {key} in {url}: {type(e).__name__}: {e}")
-            except (tarfile.TarError, OSError, EOFError) as e:
+            except (tarfile.TarError, OSError, EOFError, DataError) as e:
                 self._skip(f"shard {url} unreadable after key {key}: {type(e).__name__}: {e}")
                 continue
+            finally:
+                self.retries_done, self.current = self.stats["retries"], None
             if seen < self.counts.get(url, 0):  # tarfile ends quietly at a cut header
                 self._skip(f"shard {url} truncated: {seen} of {self.counts[url]} samples after key {key}")
 
@@ -173,32 +219,35 @@ class ShardStream(IterableDataset):
                 continue
             i = rng.randrange(len(buffer))  # emit a random held sample (swap with last, pop: O(1))
             buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            img = buffer.pop()
-            batch.append(img)
+            batch.append(buffer.pop())
             if len(batch) == self.batch_size:
-                yield {"image": torch.stack(batch), "skipped": self.skipped, "worker": worker}
+                yield {"image": torch.stack(batch), "worker": worker, "stats": self.stats}
                 batch = []
 
 
 class Batches:
-    """Iterate a rank's stream; `skipped` sums the bad samples seen by all its workers."""
+    """Iterate a rank's stream; `skipped` and `retries` sum the counts of all its DataLoader workers."""
 
     def __init__(self, stream: ShardStream, num_workers: int):
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                                  persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
         self._it = iter(self.loader)
-        self._skipped: dict[int, int] = {}
+        self._stats: dict[int, dict[str, int]] = {}
 
     @property
     def skipped(self) -> int:
-        return sum(self._skipped.values())
+        return sum(s["skipped"] for s in self._stats.values())
+
+    @property
+    def retries(self) -> int:
+        return sum(s["retries"] for s in self._stats.values())
 
     def __iter__(self) -> "Batches":
         return self
 
     def __next__(self) -> torch.Tensor:
         b = next(self._it)
-        self._skipped[b["worker"]] = b["skipped"]
+        self._stats[b["worker"]] = b["stats"]
         return b["image"]
 
 

@@ -1,28 +1,23 @@
-"""Image sources for shard building; each yields `Item`s already resized and center-cropped.
+"""Image sources for shard building.
 
-A source never raises on one bad image: it yields an Item with `image=None` and the reason,
-so the shard builder can skip it, count it and name it in the manifest.
+A source lists cheap `(key, raw)` records in a fixed order (file paths, LMDB values, array rows)
+and turns one raw record into a preprocessed image in `load`, which runs in worker processes.
+A bad image raises in `load`; the builder skips it, counts it and names it in the manifest.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import pickle
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from PIL import Image
 
 from dcgan_dist.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
-@dataclass
-class Item:
-    key: str  # unique id within the source (file path, LMDB key, index)
-    image: Image.Image | None  # None: unreadable, to be skipped
-    cls: int | None = None  # class label where the source has one
-    error: str = ""
 
 
 def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
@@ -36,39 +31,132 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def digits(resolution: int = 32) -> tuple[int, Iterator[Item]]:
+class Source:
+    """Base: `records()` in a stable order, `load(raw, resolution)` -> (PIL image, label or None)."""
+
+    name = "source"
+    channels = 3
+    total: int | None = None
+
+    def records(self) -> Iterator[tuple[str, object]]:
+        raise NotImplementedError
+
+    def load(self, raw, resolution: int) -> tuple[Image.Image, int | None]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _decode(data: bytes, resolution: int, mode: str = "RGB") -> Image.Image:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return resize_center_crop(im.convert(mode), resolution)
+
+
+class Digits(Source):
     """scikit-learn's bundled 1,797 real 8x8 handwritten digits, upscaled, grayscale, with labels."""
-    from sklearn.datasets import load_digits
 
-    data = load_digits()
-    pixels = (data.images * (255.0 / 16.0)).round().clip(0, 255).astype("uint8")
+    name, channels = "digits", 1
 
-    def items() -> Iterator[Item]:
-        for i, (img, label) in enumerate(zip(pixels, data.target)):
-            yield Item(f"{i:06d}", Image.fromarray(img, "L").resize((resolution, resolution), Image.BICUBIC), int(label))
+    def __init__(self):
+        from sklearn.datasets import load_digits
 
-    return len(pixels), items()
+        data = load_digits()
+        self.pixels = (data.images * (255.0 / 16.0)).round().clip(0, 255).astype("uint8")
+        self.labels = data.target
+        self.total = len(self.pixels)
+
+    def records(self):
+        for i, (img, label) in enumerate(zip(self.pixels, self.labels)):
+            yield f"{i:06d}", (img, int(label))
+
+    def load(self, raw, resolution):
+        img, label = raw
+        return Image.fromarray(img, "L").resize((resolution, resolution), Image.BICUBIC), label
 
 
-def folder(path: str | Path, resolution: int = 64) -> tuple[int, Iterator[Item]]:
-    """Every JPEG/PNG/WebP under `path` (recursive, sorted), as RGB; keys are relative paths."""
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist or is not a directory")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise DataError(f"image folder {root} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+class Folder(Source):
+    """Every JPEG/PNG/WebP under a folder (recursive, sorted), as RGB; keys are relative paths."""
 
-    def items() -> Iterator[Item]:
-        for p in files:
-            key = p.relative_to(root).as_posix()
-            try:
-                with Image.open(p) as im:
-                    im.load()
-                    img = resize_center_crop(im.convert("RGB"), resolution)
-            except Exception as e:  # PIL raises many types for corrupt files
-                yield Item(key, None, error=f"{type(e).__name__}: {e}")
-                continue
-            yield Item(key, img)
+    name = "folder"
 
-    return len(files), items()
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise DataError(f"image folder {self.root} does not exist or is not a directory")
+        self.files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise DataError(f"image folder {self.root} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        self.total = len(self.files)
+
+    def records(self):
+        for rel in self.files:
+            yield rel, str(self.root / rel)
+
+    def __getstate__(self):  # workers only need `load`: don't ship a million paths to each
+        return {**self.__dict__, "files": []}
+
+    def load(self, raw, resolution):
+        return self._decode(Path(raw).read_bytes(), resolution), None
+
+
+class Lsun(Source):
+    """An LSUN LMDB directory as distributed (e.g. bedroom_train_lmdb): hex keys -> WebP/JPEG bytes.
+
+    Streams with a read-only cursor, so memory stays flat whatever the database size.
+    """
+
+    name = "lsun"
+
+    def __init__(self, path: str | Path):
+        import lmdb
+
+        self.path = Path(path)
+        if not (self.path / "data.mdb").is_file():
+            raise DataError(f"{self.path} is not an LMDB directory (no data.mdb inside)")
+        with lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, max_readers=64) as env:
+            self.total = env.stat()["entries"]
+
+    def records(self):
+        import lmdb
+
+        with lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, max_readers=64) as env:
+            with env.begin(write=False) as txn:
+                for key, value in txn.cursor():
+                    yield key.decode("ascii", "replace"), bytes(value)
+
+    def load(self, raw, resolution):
+        return self._decode(raw, resolution), None
+
+
+class Cifar10(Source):
+    """CIFAR-10's python-pickle batches as distributed (data_batch_1..5, then test_batch), with labels."""
+
+    name = "cifar10"
+
+    def __init__(self, path: str | Path, split: str = "train"):
+        self.root = Path(path)
+        names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+        names["all"] = names["train"] + names["test"]
+        if split not in names:
+            raise DataError(f"cifar10 split must be one of {', '.join(names)}, got {split!r}")
+        self.batches = [self.root / n for n in names[split]]
+        missing = [b.name for b in self.batches if not b.is_file()]
+        if missing:
+            raise DataError(f"{self.root} is not a cifar-10-batches-py folder: missing {', '.join(missing)}")
+        self.total = 10_000 * len(self.batches)
+
+    def records(self):
+        for path in self.batches:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")  # the format as distributed; a local file
+            data, labels = batch[b"data"], batch[b"labels"]
+            for i in range(len(labels)):
+                yield f"{path.name}/{i:05d}", (np.asarray(data[i], dtype=np.uint8), int(labels[i]))
+
+    def load(self, raw, resolution):
+        row, label = raw
+        img = Image.fromarray(row.reshape(3, 32, 32).transpose(1, 2, 0), "RGB")
+        return resize_center_crop(img, resolution), label
+
+
+SOURCES = {"digits": Digits, "folder": Folder, "lsun": Lsun, "cifar10": Cifar10}

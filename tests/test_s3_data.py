@@ -1,0 +1,205 @@
+"""The data plane against a real S3-compatible HTTP server (moto's standalone server on loopback)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import boto3
+import lmdb
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, free_port
+from dcgan_dist.data import s3, shards, sources
+from dcgan_dist.data.loader import make_batches, resolve_shards
+from dcgan_dist.errors import DataError
+from s3_server import MotoServer, client_env
+
+
+@pytest.fixture(scope="module")
+def moto():
+    server = MotoServer()
+    saved = {k: os.environ.get(k) for k in client_env("")}
+    os.environ.update(client_env(server.url))
+    s3._clients.clear()
+    boto3.client("s3").create_bucket(Bucket="data")
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    s3._clients.clear()
+
+
+def photo(rng, w, h):
+    """A photo-like RGB image: smooth gradients plus noise (JPEG/WebP sizes like real photos)."""
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * rng.uniform(0.2, 1)) % 256, (y * rng.uniform(0.2, 1)) % 256, (x + y) % 256], -1)
+    return Image.fromarray((base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8))
+
+
+def make_lmdb(path, n, corrupt=()):
+    """An LSUN-format LMDB: hex keys -> WebP bytes (one value per image), as the dataset ships."""
+    rng = np.random.default_rng(0)
+    env = lmdb.open(str(path), map_size=1 << 30)
+    keys = []
+    with env.begin(write=True) as txn:
+        for i in range(n):
+            key = f"{i * 7919:040x}".encode()
+            buf = io.BytesIO()
+            photo(rng, int(rng.integers(80, 140)), int(rng.integers(80, 140))).save(buf, "WEBP", quality=80)
+            txn.put(key, b"garbage, not an image" if i in corrupt else buf.getvalue())
+            keys.append(key.decode())
+    env.close()
+    return sorted(keys)
+
+
+def make_cifar(path, per_batch=12):
+    path.mkdir()
+    rng = np.random.default_rng(1)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(x) for x in rng.integers(0, 10, per_batch)], b"batch_label": name.encode()}
+        with open(path / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def s3_manifest(prefix):
+    return json.loads(s3.read_bytes(prefix + "manifest.json"))
+
+
+def test_digits_to_s3_manifest_is_exact(moto):
+    m = shards.build_shards(sources.Digits(), "s3://data/digits/", resolution=32, encoding="png",
+                            shard_size=700, workers=2, progress=False)
+    assert m == s3_manifest("s3://data/digits/")
+    assert [s["count"] for s in m["shards"]] == [700, 700, 397] and m["num_images"] == 1797
+    for s in m["shards"]:
+        data = s3.read_bytes(f"s3://data/digits/{s['name']}")
+        assert len(data) == s["bytes"] and __import__("hashlib").sha256(data).hexdigest() == s["sha256"]
+    keys = s3.list_keys("s3://data/digits/")
+    assert "digits/manifest.json" in keys and "digits/parts/shard-000002.tar.json" in keys
+    batch = next(make_batches(resolve_shards("s3://data/digits/"), channels=1, resolution=32, batch_size=8,
+                              seed=0, shuffle_buffer=10))
+    assert batch.shape == (8, 1, 32, 32)
+
+
+def test_lsun_lmdb_to_s3_with_a_corrupt_value(moto, tmp_path):
+    keys = make_lmdb(tmp_path / "bedroom_train_lmdb", 60, corrupt={5})
+    bad = f"{5 * 7919:040x}"
+    m = shards.build_shards(sources.Lsun(tmp_path / "bedroom_train_lmdb"), "s3://data/lsun/", resolution=32,
+                            shard_size=25, workers=2, progress=False)
+    assert (m["num_images"], m["num_shards"], m["channels"], m["source"]) == (59, 3, 3, "lsun")
+    assert m["skipped"] == {"count": 1, "ids": [bad]}
+    assert [s["count"] for s in m["shards"]] == [24, 25, 10]
+    assert bad in keys
+    it = make_batches(resolve_shards("s3://data/lsun/"), channels=3, resolution=32, batch_size=16, seed=0,
+                      shuffle_buffer=20)
+    assert next(it).shape == (16, 3, 32, 32)
+
+
+@pytest.mark.parametrize("encoding", ["jpg", "raw"])
+def test_cifar10_batches_keep_labels(moto, tmp_path, encoding):
+    make_cifar(tmp_path / "cifar-10-batches-py")
+    src = sources.Cifar10(tmp_path / "cifar-10-batches-py", "train")
+    out = f"s3://data/cifar-{encoding}/"
+    m = shards.build_shards(src, out, resolution=32, encoding=encoding, shard_size=20, workers=2, progress=False)
+    assert m["num_images"] == 60 and m["encoding"] == encoding
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        first = pickle.load(f, encoding="bytes")
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(s3.read_bytes(out + "shard-000000.tar"))) as tar:
+        assert tar.extractfile("000000000.cls").read() == str(first[b"labels"][0]).encode()
+        assert tar.extractfile("000000000.id.txt").read() == b"data_batch_1/00000"
+        if encoding == "raw":
+            arr = np.load(io.BytesIO(tar.extractfile("000000000.npy").read()))
+            assert np.array_equal(arr, first[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    batch = next(make_batches(resolve_shards(out), channels=3, resolution=32, batch_size=10, seed=0, shuffle_buffer=5))
+    assert batch.shape == (10, 3, 32, 32)
+
+
+def build_cmd(src, out, *extra):
+    return [sys.executable, "jobs/prepare_data.py", "lsun", str(src), "--out", out, "--resolution", "32",
+            "--shard-size", "20", "--workers", "1", *extra]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_killed_build_resumes_to_the_same_manifest(moto, tmp_path, where):
+    make_lmdb(tmp_path / "db", 400)
+    base = str(tmp_path) + "/" if where == "local" else "s3://data/resume-"
+    whole, partial = base + "whole/", base + "partial/"
+    assert subprocess.run(build_cmd(tmp_path / "db", whole), cwd=REPO, capture_output=True).returncode == 0
+
+    proc = subprocess.Popen(build_cmd(tmp_path / "db", partial), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = shards.Target(partial)
+    deadline = time.time() + 120
+    while time.time() < deadline and target.read_json("parts/shard-000003.tar.json") is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # like a crash (or Ctrl-C) of the whole build
+    proc.wait()
+    assert target.read_json("manifest.json") is None, "the build finished before it could be interrupted"
+    assert target.read_json("parts/shard-000019.tar.json") is None
+
+    r = subprocess.run(build_cmd(tmp_path / "db", partial), cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert target.read_json("manifest.json") == shards.Target(whole).read_json("manifest.json")
+    if where == "local":
+        assert not list((tmp_path / "partial").glob(".*.tmp"))
+
+
+def test_every_shard_is_read_by_some_rank(digits_dir):
+    shard_set = resolve_shards(str(digits_dir))
+    seen = set()
+    for rank in (0, 1):
+        it = make_batches(shard_set, channels=1, resolution=32, batch_size=50, seed=3, rank=rank, shuffle_buffer=50)
+        for _ in range(40):
+            next(it)
+        seen |= set(it.loader.dataset.shards_read)
+    assert seen == set(shard_set.urls)
+
+
+def run_prepare(env_update, out="s3://data/errors/"):
+    env = {**os.environ, **env_update}
+    r = subprocess.run([sys.executable, "jobs/prepare_data.py", "digits", "--out", out], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r.stderr
+
+
+def test_clear_s3_errors(moto, tmp_path):
+    assert "bucket 'nope' does not exist" in run_prepare({}, "s3://nope/x/")
+    msg = run_prepare({"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"})
+    assert "cannot reach the S3 endpoint" in msg and "s3://data/errors/" in msg
+    no_creds = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "x"),
+                "AWS_CONFIG_FILE": str(tmp_path / "y"), "AWS_PROFILE": ""}
+    no_creds = {k: v for k, v in no_creds.items()}
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE")}
+    env.update({"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "x"), "AWS_CONFIG_FILE": str(tmp_path / "y")})
+    r = subprocess.run([sys.executable, "jobs/prepare_data.py", "digits", "--out", "s3://data/x/"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no AWS credentials" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(DataError, match="bucket 'missing' does not exist"):
+        resolve_shards("s3://missing/shards/")
+    with pytest.raises(DataError, match="no manifest.json and no"):
+        resolve_shards("s3://data/empty-prefix/")
+
+
+def test_wrong_credentials_are_named(tmp_path):
+    server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # moto checks keys against its IAM
+    try:
+        env = {**os.environ, **client_env(server.url)}
+        r = subprocess.run([sys.executable, "jobs/prepare_data.py", "digits", "--out", "s3://data/x/"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "rejected the credentials" in r.stderr and "s3://data/x/" in r.stderr
+    finally:
+        server.stop()
