@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake")
 GRID_SAMPLES = 64
-NOT_LOGGED = ("step", "start_step", "g_digests")  # reported to Ray, not MLflow metrics
 
 
 def fixed_noise(cfg: Config) -> torch.Tensor:
@@ -54,7 +53,7 @@ def gather(obj) -> list:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -103,30 +102,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         is_last = step == t.steps
         save_now = step % t.checkpoint_every == 0 or is_last
         if step % t.log_every == 0 or save_now:
+            counts = torch.tensor([batches.skipped, batches.retries], dtype=sums.dtype, device=device)
+            stats = torch.cat([sums / (window_steps * world), counts])
             if world > 1:
-                dist.all_reduce(sums)
+                dist.all_reduce(stats)  # one collective: mean metrics, total counts
             elapsed = time.perf_counter() - window_start
-            metrics = {k: (sums[i] / (window_steps * world)).item() for i, k in enumerate(METRICS)}
+            metrics = dict(zip(METRICS + ("data_skipped", "data_retries"), stats.tolist()))
             metrics["images_per_s"] = window_steps * t.batch_size * world / elapsed
-            metrics["data_skipped"], metrics["data_retries"] = map(sum, zip(*gather((batches.skipped, batches.retries))))
-            metrics["step"] = step
-            metrics["start_step"] = start  # the step this attempt began at (> 1 after a resume)
-            ckpt = None
-            if save_now:
-                rngs = gather(checkpoint.rng_state())
-                digests = gather(param_digest(g))
-                metrics["g_digests"] = digests
-                if rank == 0:
-                    tmp = tempfile.mkdtemp(prefix="dcgan-ckpt-")
-                    checkpoint.save(checkpoint.training_state(g, d, opt_g, opt_d, step, rngs, cfg.to_dict()), tmp)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}" if save_now else None)
             if logger:
                 log.info("step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.2f  D(G(z)) %.2f  %.0f img/s%s", step, t.steps,
                          metrics["loss_d"], metrics["loss_g"], metrics["d_real"], metrics["d_fake"],
                          metrics["images_per_s"], "  [checkpoint]" if save_now else "")
-                logger.add(step, {k: v for k, v in metrics.items() if k not in NOT_LOGGED})
-                if save_now:
+                logger.add(step, metrics)
+            if save_now:
+                # Ray Train's report blocks until its controller polls (about every 2 s), so it is
+                # called only with checkpoints; per-step metrics go to MLflow directly.
+                rngs = gather(checkpoint.rng_state())
+                extra = {"step": step, "start_step": start, "g_digests": gather(param_digest(g))}
+                ckpt = None
+                if rank == 0:
+                    tmp = tempfile.mkdtemp(prefix="dcgan-ckpt-")
+                    checkpoint.save(checkpoint.training_state(g, d, opt_g, opt_d, step, rngs, cfg.to_dict()), tmp)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report({**metrics, **extra}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+                if logger:
                     logger.flush()  # the checkpoint is persisted: these steps will not be redone
             sums.zero_()
             window_steps, window_start = 0, time.perf_counter()

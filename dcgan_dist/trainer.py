@@ -8,6 +8,7 @@ bad path or config fails in seconds with a message instead of inside a remote wo
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,11 @@ from dcgan_dist.models import build_generator
 from dcgan_dist.train_loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
+
+# Non-secret settings workers need to reach the same S3 / MLflow endpoints as the driver.
+# Credentials are deliberately absent: workers get theirs from the standard AWS chain on their node.
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+              "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 
 
 @dataclass
@@ -99,6 +105,7 @@ def train(cfg: Config) -> TrainOutcome:
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our rank 0 logs progress
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}},
         ),
     )
     try:

@@ -15,7 +15,7 @@ from dcgan_dist.trainer import train
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, log_to_driver=False)  # keep the dashboard: Train uses its state API (PITFALLS)
     yield
     ray.shutdown()
 

@@ -172,14 +172,12 @@ class ShardStream(IterableDataset):
         self.channels, self.resolution = channels, resolution
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.rank, self.start_step = seed, rank, start_step
-        self.skipped = self.retries_done = 0
-        self.current = None  # the open shard stream, whose retries are still counting
+        self.skipped = 0
         self.shards_read: Counter[str] = Counter()
 
     @property
     def stats(self) -> dict[str, int]:
-        live = getattr(getattr(self.current, "raw", None), "retries", 0)
-        return {"skipped": self.skipped, "retries": self.retries_done + live}
+        return {"skipped": self.skipped, "retries": s3.retries()}
 
     def _samples(self, rng: random.Random) -> Iterator[torch.Tensor]:
         while True:
@@ -187,8 +185,8 @@ class ShardStream(IterableDataset):
             self.shards_read[url] += 1
             key, seen = None, 0
             try:
-                with open_shard(url) as self.current:
-                    for key, sample in iter_tar(self.current):
+                with open_shard(url) as f:
+                    for key, sample in iter_tar(f):
                         seen += 1
                         try:
                             yield decode_sample(sample, self.channels, self.resolution)
@@ -197,8 +195,6 @@ class ShardStream(IterableDataset):
             except (tarfile.TarError, OSError, EOFError, DataError) as e:
                 self._skip(f"shard {url} unreadable after key {key}: {type(e).__name__}: {e}")
                 continue
-            finally:
-                self.retries_done, self.current = self.stats["retries"], None
             if seen < self.counts.get(url, 0):  # tarfile ends quietly at a cut header
                 self._skip(f"shard {url} truncated: {seen} of {self.counts[url]} samples after key {key}")
 

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 _clients: dict[int, object] = {}
 _lock = threading.Lock()
+_retries = {"count": 0}  # this process's S3 read retries, ours and botocore's (the data_retries metric)
+
+
+def retries() -> int:
+    return _retries["count"]
 
 # What a dropped or refused connection looks like while reading or connecting.
 TRANSIENT = (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
@@ -151,14 +156,15 @@ class ResumableBody(io.RawIOBase):
     """A readable stream over one S3 object that survives dropped connections.
 
     On a transient failure it waits (exponential backoff with jitter) and re-requests the rest of
-    the object with `Range: bytes=<pos>-`. `retries` counts those re-requests; after
+    the object with `Range: bytes=<pos>-`. `retries()` counts those re-requests and botocore's own
+    retries, per process; after
     `max_retries` in a row the error propagates (the reader then skips the shard).
     """
 
     def __init__(self, url: str, max_retries: int = 8, backoff: float = 0.5, max_backoff: float = 8.0):
         self.url, (self.bucket, self.key) = url, split(url)
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
-        self.pos, self.size, self.retries = 0, None, 0
+        self.pos, self.size = 0, None
         self.body = None
         self._connect()
 
@@ -172,6 +178,7 @@ class ResumableBody(io.RawIOBase):
                         resp = client().get_object(Bucket=self.bucket, Key=self.key, **kw)
                     except TRANSIENT as e:
                         raise _Transient(e) from None
+                _retries["count"] += resp["ResponseMetadata"].get("RetryAttempts", 0)  # botocore's own retries
                 if self.size is None:
                     self.size = resp["ContentLength"]
                 self.body = resp["Body"]
@@ -183,7 +190,7 @@ class ResumableBody(io.RawIOBase):
     def _wait_or_raise(self, failures: int, error: Exception) -> None:
         if failures > self.max_retries:
             raise OSError(f"{self.url}: giving up at byte {self.pos} after {self.max_retries} retries: {error}")
-        self.retries += 1
+        _retries["count"] += 1
         delay = min(self.max_backoff, self.backoff * 2 ** (failures - 1)) * (0.5 + random.random() / 2)
         log.warning("s3: %s at byte %d of %s; retry %d in %.1fs", type(error).__name__, self.pos, self.url,
                     failures, delay)
