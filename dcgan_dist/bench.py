@@ -65,3 +65,72 @@ def bench_step(resolutions=(32, 64), batches=(64, 128), preset="examples", nc=3,
                              "tflops": round(ips * step_gflops(res, preset) / 1e3, 4)})
             rows[-1]["ratio_vs_canonical"] = round(rows[-1]["images_per_s"] / rows[-2]["images_per_s"], 3)
     return rows
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def _stream_rate(url: str, channels: int, resolution: int, batches: int, batch_size: int = 64) -> tuple[float, int]:
+    """images/s of one decode worker (this process) over `batches` batches; returns (rate, images)."""
+    from dcgan_dist.data.loader import make_batches, resolve_shards
+
+    it = make_batches(resolve_shards(url), channels=channels, resolution=resolution, batch_size=batch_size, seed=0,
+                      shuffle_buffer=256)
+    next(it)  # fill the shuffle buffer outside the timing
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - t0), batches * batch_size
+
+
+def bench_data(images: int = 2000, resolution: int = 64, encodings=("jpg", "raw"), workdir: str | None = None) -> list[dict]:
+    """Shard build and streaming throughput (local and loopback S3) on an LSUN-format LMDB, per core."""
+    import os
+    import tempfile
+
+    import boto3
+
+    from dcgan_dist.data import s3, shards, sources
+    from dcgan_dist.data.synthetic import write_lsun_lmdb
+    from dcgan_dist.devtools import MotoServer, client_env
+
+    work = workdir or tempfile.mkdtemp(prefix="dcgan-bench-")
+    db = os.path.join(work, "lmdb")
+    if not os.path.exists(db):
+        write_lsun_lmdb(db, images, size=(256, 340))  # LSUN bedrooms: short side 256
+    server = MotoServer()
+    os.environ.update(client_env(server.url))
+    s3._clients.clear()
+    boto3.client("s3").create_bucket(Bucket="bench")
+    rows = []
+    try:
+        step_ips = bench_step((resolution,), (64,), steps=5, repeats=2, device="cpu")[-1]["images_per_s"]
+        for enc in encodings:
+            out = os.path.join(work, f"shards-{enc}")
+            t0 = time.perf_counter()
+            m = shards.build_shards(sources.Lsun(db), out, resolution=resolution, encoding=enc, shard_size=500,
+                                    workers=1, progress=False)
+            build_ips = m["num_images"] / (time.perf_counter() - t0)
+            shards.build_shards(sources.Lsun(db), f"s3://bench/{enc}/", resolution=resolution, encoding=enc,
+                                shard_size=500, workers=os.cpu_count(), progress=False)
+            local_ips, _ = _stream_rate(out, 3, resolution, 60)
+            s3_ips, _ = _stream_rate(f"s3://bench/{enc}/", 3, resolution, 60)
+            t0 = time.perf_counter()  # raw boto3 throughput on the same shards
+            nbytes = sum(len(s3.read_bytes(f"s3://bench/{enc}/{s['name']}")) for s in m["shards"])
+            raw_ips = m["num_images"] / (time.perf_counter() - t0)
+            rss0 = _rss_mb()
+            _, streamed = _stream_rate(f"s3://bench/{enc}/", 3, resolution, 10 * m["num_images"] // 64)
+            rows.append({
+                "encoding": enc, "resolution": resolution, "bytes_per_image": round(m["total_bytes"] / m["num_images"]),
+                "build_images_per_s_per_core": round(build_ips, 1), "stream_local_images_per_s": round(local_ips, 1),
+                "stream_s3_images_per_s": round(s3_ips, 1), "raw_get_object_images_per_s": round(raw_ips, 1),
+                "stream_vs_raw_get": round(s3_ips / raw_ips, 3), "step_images_per_s": step_ips,
+                "decode_vs_step": round(min(local_ips, s3_ips) / step_ips, 2),
+                "rss_growth_streaming_10x": round(_rss_mb() / rss0, 3), "images_streamed": streamed,
+                "raw_bytes_read": nbytes,
+            })
+    finally:
+        server.stop()
+    return rows

@@ -28,11 +28,20 @@ def main() -> int:
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--json", help="write the rows to this file")
+    dp = sub.add_parser("data", help="shard build and streaming throughput, local and loopback S3 (needs the dev extra)")
+    dp.add_argument("--images", type=int, default=2000, help="images in the generated LSUN-format LMDB")
+    dp.add_argument("--resolution", type=int, default=64)
+    dp.add_argument("--encodings", nargs="+", default=["jpg", "raw"])
+    dp.add_argument("--workdir", help="keep the generated LMDB and shards here (reused when present)")
+    dp.add_argument("--json", help="write the rows to this file")
     args = p.parse_args()
-    from dcgan_dist.bench import bench_step
+    from dcgan_dist import bench
 
-    rows = bench_step(args.resolutions, args.batches, args.preset, steps=args.steps, repeats=args.repeats,
-                      device=args.device)
+    if args.what == "step":
+        rows = bench.bench_step(args.resolutions, args.batches, args.preset, steps=args.steps, repeats=args.repeats,
+                                device=args.device)
+    else:
+        rows = bench.bench_data(args.images, args.resolution, args.encodings, args.workdir)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

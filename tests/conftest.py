@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from dcgan_dist.devtools import free_port  # noqa: F401  (re-exported for the tests)
 
 # Token auth would make a later `ray start --head` + `ray job submit` fail (see PITFALLS).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -14,12 +15,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

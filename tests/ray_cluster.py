@@ -58,6 +58,11 @@ class LocalRayCluster:
             cmd.append(f"--runtime-env-json={json.dumps(runtime_env)}")
         return subprocess.run([*cmd, "--", *entrypoint], env=self.env, capture_output=True, text=True, timeout=timeout)
 
+    def leftovers(self) -> list[int]:
+        """Processes of this cluster: all carry its unique temp dir on their command line."""
+        out = subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
     def stop(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -68,3 +73,11 @@ class LocalRayCluster:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        deadline = time.time() + 20  # some Ray processes start their own session: find them by temp dir
+        while (pids := self.leftovers()) and time.time() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)

@@ -59,3 +59,25 @@ def test_prepare_data_digits_and_folder_errors(tmp_path):
     assert m["num_images"] == 1797 and m["num_shards"] == 2
     r = run_job("jobs/prepare_data.py", "folder", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_step_benchmark_writes_json_rows(tmp_path):
+    out = tmp_path / "step.json"
+    r = run_job("jobs/benchmark.py", "step", "--resolutions", "32", "--batches", "8", "--steps", "1",
+                "--repeats", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [row["name"] for row in rows] == ["canonical", "ours"]
+    assert all(row["resolution"] == 32 and row["batch"] == 8 and row["images_per_s"] > 0 for row in rows)
+    assert rows[1]["ratio_vs_canonical"] > 0
+
+
+def test_data_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "data.json"
+    r = run_job("jobs/benchmark.py", "data", "--images", "120", "--resolution", "32", "--json", str(out),
+                "--workdir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [row["encoding"] for row in rows] == ["jpg", "raw"]
+    assert all(row["stream_s3_images_per_s"] > 0 and row["build_images_per_s_per_core"] > 0 for row in rows)
+    assert rows[1]["bytes_per_image"] > rows[0]["bytes_per_image"]  # raw arrays are bigger than JPEGs

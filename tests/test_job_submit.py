@@ -18,8 +18,7 @@ def cluster():
     c = LocalRayCluster(num_cpus=2)
     yield c
     c.stop()
-    leftover = subprocess.run(["pgrep", "-f", c.temp_dir], capture_output=True, text=True).stdout.split()
-    assert not leftover, f"processes of the test cluster still running: {leftover}"
+    assert not c.leftovers(), "processes of the test cluster still running"
 
 
 def test_ray_job_submit_trains_and_logs(cluster, tmp_path, digits_dir):

@@ -12,16 +12,15 @@ import sys
 import time
 
 import boto3
-import lmdb
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import REPO, free_port
 from dcgan_dist.data import s3, shards, sources
+from dcgan_dist.data.synthetic import lsun_key, write_lsun_lmdb
 from dcgan_dist.data.loader import make_batches, resolve_shards
 from dcgan_dist.errors import DataError
-from s3_server import MotoServer, client_env
+from dcgan_dist.devtools import MotoServer, client_env
 
 
 @pytest.fixture(scope="module")
@@ -38,27 +37,8 @@ def moto():
     s3._clients.clear()
 
 
-def photo(rng, w, h):
-    """A photo-like RGB image: smooth gradients plus noise (JPEG/WebP sizes like real photos)."""
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([(x * rng.uniform(0.2, 1)) % 256, (y * rng.uniform(0.2, 1)) % 256, (x + y) % 256], -1)
-    return Image.fromarray((base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8))
-
-
 def make_lmdb(path, n, corrupt=()):
-    """An LSUN-format LMDB: hex keys -> WebP bytes (one value per image), as the dataset ships."""
-    rng = np.random.default_rng(0)
-    env = lmdb.open(str(path), map_size=1 << 30)
-    keys = []
-    with env.begin(write=True) as txn:
-        for i in range(n):
-            key = f"{i * 7919:040x}".encode()
-            buf = io.BytesIO()
-            photo(rng, int(rng.integers(80, 140)), int(rng.integers(80, 140))).save(buf, "WEBP", quality=80)
-            txn.put(key, b"garbage, not an image" if i in corrupt else buf.getvalue())
-            keys.append(key.decode())
-    env.close()
-    return sorted(keys)
+    return write_lsun_lmdb(path, n, corrupt=set(corrupt))
 
 
 def make_cifar(path, per_batch=12):
@@ -93,7 +73,7 @@ def test_digits_to_s3_manifest_is_exact(moto):
 
 def test_lsun_lmdb_to_s3_with_a_corrupt_value(moto, tmp_path):
     keys = make_lmdb(tmp_path / "bedroom_train_lmdb", 60, corrupt={5})
-    bad = f"{5 * 7919:040x}"
+    bad = lsun_key(5)
     m = shards.build_shards(sources.Lsun(tmp_path / "bedroom_train_lmdb"), "s3://data/lsun/", resolution=32,
                             shard_size=25, workers=2, progress=False)
     assert (m["num_images"], m["num_shards"], m["channels"], m["source"]) == (59, 3, 3, "lsun")

@@ -1,20 +1,25 @@
-"""moto's standalone S3 server as a real HTTP endpoint on loopback, started and stopped by the tests."""
+"""Loopback servers for tests and benchmarks: moto's standalone S3 server (needs the `dev` extra)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port
 
-BIN = Path(sys.executable).parent
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class MotoServer:
+    """`moto_server` on 127.0.0.1: a real HTTP S3 endpoint whose state lives in memory."""
+
     def __init__(self, port: int | None = None, env: dict | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -23,7 +28,10 @@ class MotoServer:
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+        exe = Path(sys.executable).parent / "moto_server"
+        if not exe.exists():
+            raise RuntimeError("moto_server not found: install the dev extra (pip install -e '.[dev]')")
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
                                      env={**os.environ, **self.env}, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.time() + 30
