@@ -30,6 +30,7 @@ def write_lsun_lmdb(path: str | Path, n: int, size: tuple[int, int] = (80, 140),
     import lmdb
 
     rng = np.random.default_rng(seed)
+    Path(path).mkdir(parents=True, exist_ok=True)
     env = lmdb.open(str(path), map_size=1 << 34)
     keys = []
     with env.begin(write=True) as txn:
