@@ -7,9 +7,8 @@ stream is re-seeded from (seed, rank, step), so the data position is a function 
 
 from __future__ import annotations
 
-import os
+import io
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from dcgan_dist.errors import CheckpointError
+from dcgan_dist.files import write_atomic
 from dcgan_dist.step import unwrap
 
 STATE_FILE = "state.pt"
@@ -59,18 +59,10 @@ def save(state: dict, directory: str | Path) -> Path:
     """Write `state.pt` into `directory` via a temp file + rename: never a half-written file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / STATE_FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(directory / STATE_FILE, buf.getvalue())
+    return directory / STATE_FILE
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:

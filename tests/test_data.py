@@ -132,7 +132,7 @@ def png_bytes():
 
 
 def test_corrupt_sample_and_truncated_shards_are_skipped_and_counted(tmp_path, caplog):
-    from dcgan_dist.data.shards import write_atomic
+    from dcgan_dist.files import write_atomic
 
     good = tar_bytes([(f"{i:04d}.png", png_bytes()) for i in range(20)] + [("0020.png", b"corrupt!")])
     whole = tar_bytes([(f"{i:04d}.png", png_bytes()) for i in range(20)])

@@ -10,7 +10,6 @@ completed at the end).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from dcgan_dist.data import s3
 from dcgan_dist.data.sources import Source
 from dcgan_dist.errors import DataError
+from dcgan_dist.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +51,6 @@ def encode(img: Image.Image, encoding: str, quality: int = 95) -> tuple[str, byt
     else:
         raise DataError(f"unknown encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
     return encoding, buf.getvalue()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to `path` through a temp file in the same folder and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Target:
