@@ -220,3 +220,68 @@ def test_training_from_s3_survives_an_s3_outage(moto, tmp_path):
         ray.shutdown()
     assert out.step == 400
     assert out.metrics["data_retries"] > 0, {k: out.metrics[k] for k in ("data_retries", "data_skipped", "start_step")}
+
+
+class CuttingProxy:
+    """A loopback TCP proxy to the S3 server that cuts the first response after `cut_after` bytes."""
+
+    def __init__(self, target_port: int, cut_after: int):
+        import socket
+        import threading
+
+        self.target_port, self.cut_after, self.cuts_left = target_port, cut_after, 1
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src, dst, is_response):
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                if is_response and self.cuts_left and sent + len(data) > self.cut_after:
+                    self.cuts_left -= 1
+                    dst.sendall(data[: self.cut_after - sent])
+                    break  # drop the connection mid-body
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(2)  # SHUT_RDWR: wakes the pump blocked on the other direction
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_connection_cut_mid_body_resumes_with_a_range_request(moto):
+    payload = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    boto3.client("s3").put_object(Bucket="data", Key="big.bin", Body=payload)
+    proxy = CuttingProxy(moto.port, cut_after=1 << 20)
+    os.environ["AWS_ENDPOINT_URL_S3"] = proxy.url
+    s3._clients.clear()
+    try:
+        before = s3.retries()
+        body = s3.ResumableBody("s3://data/big.bin", backoff=0.05)
+        assert body.read() == payload  # every byte, in order, across the cut
+        assert s3.retries() > before and proxy.cuts_left == 0
+    finally:
+        os.environ["AWS_ENDPOINT_URL_S3"] = moto.url
+        s3._clients.clear()
+        proxy.close()
