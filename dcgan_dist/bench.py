@@ -10,7 +10,7 @@ import torch
 from dcgan_dist.canonical import CanonicalStep
 from dcgan_dist.config import load_config
 from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, make_optimizers
+from dcgan_dist.step import GANStep, make_optimizers, to_layout
 
 GFLOPS_PER_IMAGE_64 = 2.5  # one training step, examples preset at 64x64 (PITFALLS.md)
 PRESET_COST = {"examples": 1.0, "paper": 6.0}  # the paper's ngf 128, 5x5 model is about 6x the work
@@ -27,11 +27,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _make(kind: str, resolution: int, preset: str, nc: int, device: torch.device):
+    """The canonical step as pytorch/examples runs it, or ours with the training defaults (layout included)."""
     cfg = load_config(overrides=[f"model.resolution={resolution}", f"model.preset={preset}"])
     torch.manual_seed(0)
     g, d = build_generator(cfg.model, nc).to(device), build_discriminator(cfg.model, nc).to(device)
-    step_cls = {"canonical": CanonicalStep, "ours": GANStep}[kind]
-    return step_cls(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz)
+    if kind == "canonical":
+        return CanonicalStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz), False
+    g, d = to_layout(cfg.train.channels_last, g, d)
+    return GANStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz), cfg.train.channels_last
 
 
 def _time(step: Callable, real: torch.Tensor, steps: int) -> float:
@@ -52,15 +55,17 @@ def bench_step(resolutions=(32, 64), batches=(64, 128), preset="examples", nc=3,
         for batch in batches:
             real = torch.rand(batch, nc, res, res, device=dev) * 2 - 1
             steppers = {k: _make(k, res, preset, nc, dev) for k in ("canonical", "ours")}
-            for s in steppers.values():
-                _time(s, real, warmup)
+            inputs = {k: to_layout(cl, real)[0] for k, (_, cl) in steppers.items()}
+            for k, (s, _) in steppers.items():
+                _time(s, inputs[k], warmup)
             best = {k: float("inf") for k in steppers}
             for _ in range(repeats):  # interleave so drift in machine load hits both alike
-                for k, s in steppers.items():
-                    best[k] = min(best[k], _time(s, real, steps))
+                for k, (s, _) in steppers.items():
+                    best[k] = min(best[k], _time(s, inputs[k], steps))
             for k in steppers:
                 ips = batch * steps / best[k]
                 rows.append({"name": k, "resolution": res, "batch": batch, "preset": preset, "device": str(dev),
+                             "channels_last": steppers[k][1],
                              "threads": torch.get_num_threads(), "images_per_s": round(ips, 1),
                              "tflops": round(ips * step_gflops(res, preset) / 1e3, 4)})
             rows[-1]["ratio_vs_canonical"] = round(rows[-1]["images_per_s"] / rows[-2]["images_per_s"], 3)

@@ -1,14 +1,16 @@
 """One GAN update in pure PyTorch (no Ray, no MLflow), so it can be tested and benchmarked alone.
 
 Compared with pytorch/examples' loop it does the same math with less work:
-- D sees the real and the fake batch in two forward passes (separate batch-norm statistics, as in
-  the paper) but one backward, so DDP all-reduces D's gradients once per step, not twice;
+- D sees the real and the fake batch in separate passes (separate batch-norm statistics, as in the
+  paper), the first under DDP's `no_sync()`, so D's gradients are all-reduced once per step, not twice;
 - during the G update D's weights are frozen and D is called outside its DDP wrapper, so no D
   weight gradient is computed or communicated;
 - gradients are set to None rather than zeroed.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -20,6 +22,14 @@ from dcgan_dist.config import TrainConfig
 def unwrap(module: nn.Module) -> nn.Module:
     """The bare module inside a DistributedDataParallel (or the module itself)."""
     return getattr(module, "module", module)
+
+
+def to_layout(channels_last: bool, *items):
+    """Put modules/tensors in NHWC (channels_last) or leave them as they are; returns them in order."""
+    if not channels_last:
+        return items
+    return tuple(x.to(memory_format=torch.channels_last) if isinstance(x, nn.Module)
+                 else x.contiguous(memory_format=torch.channels_last) for x in items)
 
 
 def make_optimizers(g: nn.Module, d: nn.Module, t: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -51,14 +61,20 @@ class GANStep:
         ones = torch.ones(n, device=real.device)
         zeros = torch.zeros(n, device=real.device)
 
-        # D: maximize log D(x) + log(1 - D(G(z))).
+        # D: maximize log D(x) + log(1 - D(G(z))). Real and fake each get a forward and a backward
+        # (one graph alive at a time, as in pytorch/examples); under DDP the first backward runs in
+        # no_sync(), so the summed gradient is all-reduced once.
         self._freeze_d(False)
-        logits_real = self.d(real)
-        logits_fake = self.d(fake.detach())
-        loss_d = bce_logits(logits_real, ones) + bce_logits(logits_fake, zeros)
         self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
+        with getattr(self.d, "no_sync", contextlib.nullcontext)():
+            logits_real = self.d(real)
+            loss_real = bce_logits(logits_real, ones)
+            loss_real.backward()
+        logits_fake = self.d(fake.detach())
+        loss_fake = bce_logits(logits_fake, zeros)
+        loss_fake.backward()
         self.opt_d.step()
+        loss_d = loss_real.detach() + loss_fake.detach()
 
         # G: the non-saturating loss, maximize log D(G(z)), against the updated D.
         self._freeze_d(True)

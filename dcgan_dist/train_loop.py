@@ -21,7 +21,7 @@ from dcgan_dist import checkpoint
 from dcgan_dist.config import Config, from_dict
 from dcgan_dist.data.loader import make_batches, resolve_shards, to_model_input
 from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, make_optimizers, unwrap
+from dcgan_dist.step import GANStep, make_optimizers, to_layout, unwrap
 from dcgan_dist.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     g, d = build_generator(m, m.nc), build_discriminator(m, m.nc)
     if t.sync_batchnorm and world > 1:
         g, d = nn.SyncBatchNorm.convert_sync_batchnorm(g), nn.SyncBatchNorm.convert_sync_batchnorm(d)
-    g, d = g.to(device), d.to(device)
+    g, d = to_layout(t.channels_last, g.to(device), d.to(device))
     opt_g, opt_d = make_optimizers(g, d, t)
 
     start, restored = 1, ray.train.get_checkpoint()
@@ -95,7 +95,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for step in range(start, t.steps + 1):
         if step == t.fail_at_step and not restored:
             raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
-        out = step_fn(to_model_input(next(batches), device))
+        (real,) = to_layout(t.channels_last, to_model_input(next(batches), device))
+        out = step_fn(real)
         sums += torch.stack([out[k] for k in METRICS])
         window_steps += 1
 
