@@ -96,13 +96,13 @@ def errors(url: str, action: str = "access") -> Iterator[None]:
 def exists(url: str) -> dict | None:
     """head_object -> {"bytes", "metadata"} or None when the object is missing."""
     bucket, key = split(url)
-    try:
-        with errors(url, "check"):
+    with errors(url, "check"):
+        try:
             head = client().head_object(Bucket=bucket, Key=key)
-    except DataError as e:
-        if "does not exist" in str(e) and "bucket" not in str(e):
-            return None
-        raise
+        except bex.ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
     return {"bytes": head["ContentLength"], "metadata": head.get("Metadata", {})}
 
 
@@ -206,13 +206,8 @@ class ResumableBody(io.RawIOBase):
                 return 0
             try:
                 data = self.body.read(len(buf))
-            except TRANSIENT as e:
-                failures += 1
-                self._wait_or_raise(failures, e)
-                self._connect()
-                continue
-            except Exception as e:  # urllib3 ProtocolError and friends on a cut connection
-                if "urllib3" not in type(e).__module__:
+            except Exception as e:  # botocore's transient errors, or urllib3's on a cut connection
+                if not isinstance(e, TRANSIENT) and "urllib3" not in type(e).__module__:
                     raise
                 failures += 1
                 self._wait_or_raise(failures, e)
