@@ -42,9 +42,13 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def training_state(g: nn.Module, d: nn.Module, opt_g, opt_d, step: int, rng: list[dict], config: dict) -> dict:
-    """The dict a checkpoint holds; `rng` has one entry per rank (index = rank)."""
+def training_state(g: nn.Module, d: nn.Module, opt_g, opt_d, step: int, rng: list[dict], config: dict,
+                   ema: nn.Module | None = None, evaluation: dict | None = None) -> dict:
+    """The dict a checkpoint holds; `rng` has one entry per rank (index = rank); `ema` = G's averaged copy;
+    `evaluation` = {"values": {metric: value}, "protocols": {metric: protocol key}} when this step was scored."""
     return {
+        "ema": ema.state_dict() if ema is not None else None,
+        "evaluation": evaluation or {},
         "step": step,
         "generator": unwrap(g).state_dict(),
         "discriminator": unwrap(d).state_dict(),
@@ -65,6 +69,11 @@ def save(state: dict, directory: str | Path) -> Path:
     return directory / STATE_FILE
 
 
+def final_generator_state(state: dict) -> dict:
+    """The weights to evaluate and export: the EMA when the run kept one, else G."""
+    return state.get("ema") or state["generator"]
+
+
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint written by `save` (tensors and plain containers only)."""
     path = Path(directory) / STATE_FILE
@@ -76,11 +85,16 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
 
 
-def restore(state: dict, g: nn.Module, d: nn.Module, opt_g, opt_d) -> None:
-    """Load networks and optimizers in place (the RNG is restored per rank by the caller)."""
+def restore(state: dict, g: nn.Module, d: nn.Module, opt_g, opt_d, ema: nn.Module | None = None) -> None:
+    """Load networks and optimizers in place (the RNG is restored per rank by the caller).
+
+    An EMA missing from the checkpoint (EMA just switched on) starts from the restored G.
+    """
     try:
         unwrap(g).load_state_dict(state["generator"])
         unwrap(d).load_state_dict(state["discriminator"])
+        if ema is not None:
+            ema.load_state_dict(state.get("ema") or state["generator"])
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint does not match the model config (model.* keys): {e}") from None
     opt_g.load_state_dict(state["opt_g"])

@@ -22,6 +22,7 @@ PRESETS = {
     "paper": {"ngf": 128, "ndf": 128, "kernel": 5},
 }
 RESOLUTIONS = (32, 64, 128)
+METRIC_NAMES = ("swd", "fid", "kid")  # all lower-is-better; computed by dcgan_dist.metrics.registry
 
 
 def doc(text: str, default: Any) -> Any:
@@ -62,6 +63,8 @@ class TrainConfig:
     run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "")
     sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics", False)
     channels_last: bool = doc("NHWC memory layout for G, D and batches (1.3x faster convolutions on CPU)", True)
+    eval_every: int = doc("steps between quality evaluations, each also a checkpoint (0 = never)", 100)
+    ema_decay: float = doc("generator weight EMA decay, evaluated and exported when on (0 = off; 0.999 typical)", 0.0)
     fail_at_step: int = doc("testing aid: raise once at this step in the first attempt (0 = never)", 0)
 
 
@@ -85,12 +88,38 @@ class TrackingConfig:
 
 
 @dataclass
+class MetricsConfig:
+    num_images: int = doc("generated images per evaluation; real images = the same or all the data has", 2048)
+    inception_weights: str = doc("FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth), path or s3://; '' = SWD only", "")
+    inception_sha256: str = doc("expected sha256 of inception_weights ('' = the official file's hash prefix)", "")
+    cache_dir: str = doc("where real-data statistics are cached, keyed by the data manifest", "~/.cache/dcgan-dist")
+    batch_size: int = doc("images per forward pass when generating and extracting features", 256)
+    seed: int = doc("seed of the evaluation noise, patch positions and projections (fixed: comparable numbers)", 0)
+
+
+@dataclass
+class TuneConfig:
+    metric: str = doc("quality metric to minimize: swd, fid or kid (also ranks checkpoints and decides champion)", "swd")
+    space: str = doc("YAML file with the search space and the settings every trial shares", "jobs/tune_space.yaml")
+    num_samples: int = doc("trials to run", 6)
+    max_concurrent: int = doc("trials running at once (each uses ray.num_workers workers)", 2)
+    scheduler: str = doc("asha (early stopping), pbt (population based training) or fifo (none)", "asha")
+    search: str = doc("optuna (TPE) or random; pbt always starts from random samples", "optuna")
+    grace_period: int = doc("ASHA: steps before a trial can be stopped", 100)
+    reduction_factor: int = doc("ASHA: keep the best 1/reduction_factor at each rung", 2)
+    perturbation_interval: int = doc("PBT: steps between exploit/explore decisions", 100)
+    name: str = doc("search name (MLflow parent run, storage folder); '' = new timestamped name", "")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,9 +215,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then `--set` overrides; then validation and preset resolution."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                defaults: dict[str, Any] | None = None) -> Config:
+    """Defaults (plus `defaults`, flat keys), then the YAML file, then `--set` overrides; then validation."""
     cfg = Config()
+    for key, value in (defaults or {}).items():
+        set_key(cfg, key, value)
     if path:
         path = Path(path)
         if not path.is_file():
@@ -238,6 +270,8 @@ def validate(cfg: Config) -> Config:
         _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
     for name in ("beta1", "beta2"):
         _check(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
+    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _check(t.fail_at_step >= 0, "train.fail_at_step", f"must be >= 0, got {t.fail_at_step}")
     _check("/" not in t.run_name, "train.run_name", f"must not contain '/', got {t.run_name!r}")
     _check(r.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {r.num_workers}")
@@ -247,6 +281,18 @@ def validate(cfg: Config) -> Config:
     _check(bool(r.storage_path), "ray.storage_path", "must not be empty")
     _check(bool(cfg.tracking.uri), "tracking.uri", "must not be empty")
     _check(bool(cfg.tracking.model_name), "tracking.model_name", "must not be empty")
+    mc, tc = cfg.metrics, cfg.tune
+    _check(mc.num_images >= 16, "metrics.num_images", f"must be >= 16, got {mc.num_images}")
+    _check(mc.batch_size >= 1, "metrics.batch_size", f"must be positive, got {mc.batch_size}")
+    _check(tc.metric in METRIC_NAMES, "tune.metric", f"must be one of {', '.join(METRIC_NAMES)}, got {tc.metric!r}")
+    _check(tc.metric == "swd" or bool(mc.inception_weights), "tune.metric",
+           f"{tc.metric} needs metrics.inception_weights (a local or s3:// Inception weights file)")
+    _check(tc.scheduler in ("asha", "pbt", "fifo"), "tune.scheduler", f"must be asha, pbt or fifo, got {tc.scheduler!r}")
+    _check(tc.search in ("optuna", "random"), "tune.search", f"must be optuna or random, got {tc.search!r}")
+    for name in ("num_samples", "max_concurrent", "grace_period", "perturbation_interval"):
+        _check(getattr(tc, name) > 0, f"tune.{name}", f"must be positive, got {getattr(tc, name)}")
+    _check(tc.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {tc.reduction_factor}")
+    _check("/" not in tc.name, "tune.name", f"must not contain '/', got {tc.name!r}")
     return cfg
 
 

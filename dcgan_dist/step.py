@@ -39,6 +39,17 @@ def make_optimizers(g: nn.Module, d: nn.Module, t: TrainConfig) -> tuple[torch.o
     return opt_g, opt_d
 
 
+def apply_hparams(opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, t: TrainConfig) -> None:
+    """Set the config's learning rates and betas after loading optimizer state from a checkpoint.
+
+    A restored Adam state carries the old values; the config wins, so a resumed run (or a PBT
+    trial continuing another trial's checkpoint with perturbed rates) runs what its config says.
+    """
+    for opt, lr in ((opt_g, t.lr_g), (opt_d, t.lr_d)):
+        for group in opt.param_groups:
+            group["lr"], group["betas"] = lr, (t.beta1, t.beta2)
+
+
 class GANStep:
     """Call with a batch of real images in [-1, 1]; returns detached scalar metrics.
 

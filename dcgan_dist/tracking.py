@@ -15,9 +15,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException, RestException
+from mlflow.exceptions import MlflowException
 from torchvision.utils import make_grid
 
 from dcgan_dist.config import Config
@@ -42,28 +43,62 @@ def redact(value: object) -> str:
     return re.sub(r"(?<=://)[^/@\s]+@", "***@", str(value))
 
 
-def start_run(cfg: Config, run_name: str) -> tuple[str, bool]:
-    """Create the MLflow run for `run_name`, or find it again when the run resumes. Returns (id, resumed)."""
+def experiment_id(cfg: Config) -> str:
     uri = cfg.tracking.uri
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     try:
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-        found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+        return exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
     except MlflowException as e:
         raise TrackingError(f"tracking.uri {uri!r}: cannot reach MLflow ({e.message.splitlines()[0]})") from None
+
+
+def _find(cfg: Config, exp_id: str, run_name: str):
+    found = MlflowClient(cfg.tracking.uri).search_runs(
+        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    return found[0] if found else None
+
+
+def find_run(cfg: Config, run_name: str) -> str:
+    """The id of the MLflow run that tracks run name `run_name`."""
+    run = _find(cfg, experiment_id(cfg), run_name)
+    if run is None:
+        raise TrackingError(f"no MLflow run named {run_name!r} in experiment {cfg.tracking.experiment!r}")
+    return run.info.run_id
+
+
+def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None) -> tuple[str, bool]:
+    """Create the MLflow run for `run_name`, or find it again when the run resumes. Returns (id, resumed).
+
+    `parent_run_id` nests the run under a search's run (a Tune trial).
+    """
+    exp_id = experiment_id(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    found = _find(cfg, exp_id, run_name)
     if found:
-        run_id = found[0].info.run_id
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
         client.log_text(run_id, redact(cfg.to_yaml()), f"config-resumed-{int(time.time())}.yaml")
         return run_id, True
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    tags = {RUN_NAME_TAG: run_name, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     params = [mlflow.entities.Param(k, redact(v)) for k, v in cfg.flat().items()]
     client.log_batch(run_id, params=params)
     client.log_text(run_id, redact(cfg.to_yaml()), "config.yaml")
     return run_id, False
+
+
+def tag_run(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient(cfg.tracking.uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, redact(v))
+
+
+def log_values(cfg: Config, run_id: str, values: dict[str, float], step: int) -> None:
+    ts = int(time.time() * 1000)
+    MlflowClient(cfg.tracking.uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])
 
 
 def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
@@ -76,6 +111,7 @@ class RunLogger:
     def __init__(self, uri: str, run_id: str):
         self.client, self.run_id = MlflowClient(uri), run_id
         self.pending: list[Metric] = []
+        self._tags: dict[str, str] = {}
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         ts = int(time.time() * 1000)
@@ -87,6 +123,13 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
         self.pending = []
 
+    def set_protocols(self, protocols: dict[str, str]) -> None:
+        """Tag the run with each metric's protocol (`protocol.swd` = its key), once per change."""
+        new = {f"protocol.{k}": v for k, v in protocols.items() if self._tags.get(f"protocol.{k}") != v}
+        for k, v in new.items():
+            self.client.set_tag(self.run_id, k, v)
+        self._tags.update(new)
+
     def log_grid(self, step: int, images: torch.Tensor) -> None:
         """An 8x8 grid as `samples/step_NNNNNN.png` and in the run's image view (key `samples`)."""
         grid = make_grid(images.detach().float().cpu(), nrow=8, padding=2, normalize=True, value_range=(-1, 1))
@@ -95,10 +138,13 @@ class RunLogger:
         self.client.log_image(self.run_id, arr, key="samples", step=step)
 
 
-def log_generator(cfg: Config, run_id: str, generator: torch.nn.Module, step: int):
-    """Log G as an MLflow pytorch model, register a new version; give it `champion` if none has it.
+def log_generator(cfg: Config, run_id: str, generator: torch.nn.Module, step: int,
+                  scores: dict[str, float] | None = None, protocols: dict[str, str] | None = None) -> str:
+    """Log G as an MLflow pytorch model and register it as a new version, tagged with its scores.
 
-    Re-running a finished run does not register the same step twice: the existing version is returned.
+    Tags: `step`, the run name, and for each metric `metric.NAME` (value) and `protocol.NAME` (how it
+    was measured). Whether it becomes `champion` is `champion.promote_if_better`'s call. Re-running a
+    finished run does not register the same step twice: the existing version is returned.
     """
     from mlflow.models import infer_signature
 
@@ -127,9 +173,75 @@ def log_generator(cfg: Config, run_id: str, generator: torch.nn.Module, step: in
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, RUN_NAME_TAG, client.get_run(run_id).data.tags[RUN_NAME_TAG])
     client.set_model_version_tag(name, version, "step", str(step))
-    try:
-        client.get_model_version_by_alias(name, CHAMPION)
-    except (MlflowException, RestException):
-        client.set_registered_model_alias(name, CHAMPION, version)
-        log.info("%s version %s is the first: alias @%s set", name, version, CHAMPION)
+    tag_scores(cfg, version, scores or {}, protocols or {})
     return version
+
+
+def tag_scores(cfg: Config, version: str, scores: dict[str, float], protocols: dict[str, str]) -> None:
+    """Record measured metrics on a model version, each with its protocol."""
+    client = MlflowClient(cfg.tracking.uri)
+    for metric, key in protocols.items():
+        if metric in scores:
+            client.set_model_version_tag(cfg.tracking.model_name, version, f"metric.{metric}", repr(float(scores[metric])))
+            client.set_model_version_tag(cfg.tracking.model_name, version, f"protocol.{metric}", key)
+
+
+# --- searches (Ray Tune): a parent run, nested trial runs, a summary ---
+
+SEARCH_TAG = "dcgan.search"
+TRIAL_STATUS = {"FINISHED": "FINISHED", "STOPPED": "KILLED", "FAILED": "FAILED"}
+
+
+def start_search_run(cfg: Config, name: str, space: dict) -> str:
+    """The parent run of a search: its settings as params, the space and base config as files."""
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.create_run(experiment_id(cfg), run_name=name, tags={SEARCH_TAG: name})
+    params = {k: v for k, v in cfg.flat().items() if k.startswith(("tune.", "metrics.", "data.", "ray."))}
+    params["search.params"] = ",".join(space.get("space", {}))
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, redact(v)) for k, v in params.items()])
+    client.log_text(run.info.run_id, yaml.safe_dump(space, sort_keys=False), "search_space.yaml")
+    client.log_text(run.info.run_id, redact(cfg.to_yaml()), "config.yaml")
+    return run.info.run_id
+
+
+def close_trial_runs(cfg: Config, parent_run_id: str, statuses: dict[str, str]) -> None:
+    """End every nested trial run with its real outcome; a trial the scheduler stopped ends KILLED."""
+    client = MlflowClient(cfg.tracking.uri)
+    runs = client.search_runs([experiment_id(cfg)], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    for run in runs:
+        status = statuses.get(run.data.tags.get(RUN_NAME_TAG, ""), "FAILED")
+        client.set_tag(run.info.run_id, "tune.outcome", status.lower())
+        client.set_terminated(run.info.run_id, TRIAL_STATUS.get(status, "FAILED"))
+
+
+def log_search_summary(cfg: Config, run_id: str, rows: list[dict], metric: str, best: dict, version) -> None:
+    """The parent run's summary: a table of trials, metric-vs-hyperparameter plots, the winner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    client = MlflowClient(cfg.tracking.uri)
+    table = pd.DataFrame(rows).sort_values(metric, na_position="last")
+    client.log_table(run_id, table, "trials.json")
+    client.log_text(run_id, table.to_csv(index=False), "trials.csv")
+    client.log_metric(run_id, f"best_{metric}", best["value"], step=best["step"])
+    tag_run(cfg, run_id, {"best_trial": best["trial"], "best_step": str(best["step"]),
+                          "registered_version": str(version or "")})
+
+    params = [c for c in table.columns if "." in c and c not in ("trial",)]
+    fig, axes = plt.subplots(1, max(len(params), 1), figsize=(3.2 * max(len(params), 1), 3.2), squeeze=False)
+    for ax, p in zip(axes[0], params):
+        x = table[p]
+        numeric = pd.api.types.is_numeric_dtype(x)
+        ax.scatter(x if numeric else x.astype(str), table[metric], c=table["status"].eq("FINISHED").map(
+            {True: "tab:blue", False: "tab:gray"}), s=24)
+        if numeric and p.split(".")[-1].startswith("lr"):
+            ax.set_xscale("log")
+        ax.set_xlabel(p)
+        ax.set_ylabel(metric)
+    fig.suptitle(f"{metric} by hyperparameter (blue: ran to the end, gray: stopped early)")
+    fig.tight_layout()
+    client.log_figure(run_id, fig, "search_summary.png")
+    plt.close(fig)

@@ -20,14 +20,19 @@ from torch import nn
 from dcgan_dist import checkpoint
 from dcgan_dist.config import Config, from_dict
 from dcgan_dist.data.loader import make_batches, resolve_shards, to_model_input
+from dcgan_dist.ema import GeneratorEMA, recalibrate_bn
+from dcgan_dist.metrics.registry import Evaluator, eval_noise, generate
 from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, make_optimizers, to_layout, unwrap
+from dcgan_dist.step import GANStep, apply_hparams, make_optimizers, to_layout, unwrap
 from dcgan_dist.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake")
 GRID_SAMPLES = 64
+# Ray ranks checkpoints by "score" (lower is better); a checkpoint without an evaluation ranks last.
+# A finite number, not NaN or inf: Ray's saved run state turns those into null and then fails on resume.
+UNSCORED = 1e30
 
 
 def fixed_noise(cfg: Config) -> torch.Tensor:
@@ -52,6 +57,35 @@ def gather(obj) -> list:
     return out
 
 
+def evaluate(evaluator: Evaluator, generator: nn.Module, cfg: Config, rank: int, world: int, device) -> dict:
+    """Every rank generates its share of the fixed evaluation noise; rank 0 scores; all ranks get the result.
+
+    Returns {"values": {"swd": ..., ...}, "protocols": {"swd": key, ...}} on every rank.
+    """
+    mc = cfg.metrics
+    z = eval_noise(cfg.model.nz, mc.num_images, mc.seed, rank, world)
+    payload = evaluator.payload(generate(generator, z, mc.batch_size, device))
+    if world == 1:
+        payloads = [payload]
+    else:
+        payloads = [None] * world if rank == 0 else None
+        dist.gather_object(payload, payloads, dst=0)
+    result = [None]
+    if rank == 0:
+        values, protocols = evaluator.score(payloads, mc.num_images)
+        result = [{"values": values, "protocols": {k: p.key for k, p in protocols.items()}}]
+    if world > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def eval_generator(g: nn.Module, ema: GeneratorEMA | None, cfg: Config) -> nn.Module:
+    """The network that is evaluated and exported: the EMA (with recalibrated batch norm) or G itself."""
+    if ema is None:
+        return unwrap(g).eval()
+    return recalibrate_bn(ema.module, cfg.model.nz, seed=cfg.metrics.seed)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = from_dict(loop_config["config"])
@@ -66,12 +100,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         g, d = nn.SyncBatchNorm.convert_sync_batchnorm(g), nn.SyncBatchNorm.convert_sync_batchnorm(d)
     g, d = to_layout(t.channels_last, g.to(device), d.to(device))
     opt_g, opt_d = make_optimizers(g, d, t)
+    ema = GeneratorEMA(g, t.ema_decay) if t.ema_decay > 0 else None
 
     start, restored = 1, ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as ckpt_dir:
             state = checkpoint.load(ckpt_dir, map_location=device)
-        checkpoint.restore(state, g, d, opt_g, opt_d)
+        checkpoint.restore(state, g, d, opt_g, opt_d, ema.module if ema else None)
+        apply_hparams(opt_g, opt_d, t)
         start = state["step"] + 1
         log.info("rank %d: resumed from the checkpoint of step %d", rank, state["step"])
     # D runs twice per step: per-rank batch-norm buffers must not be broadcast mid-step.
@@ -88,6 +124,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer)
     step_fn = GANStep(g, d, opt_g, opt_d, m.nz)
     logger = RunLogger(cfg.tracking.uri, loop_config["mlflow_run_id"]) if rank == 0 else None
+    evaluator = None
+    if t.eval_every:  # the real side (read or cached) lives on rank 0; other ranks only generate
+        shard_set = resolve_shards(cfg.data.url)
+        evaluator = Evaluator(cfg.metrics, shard_set, channels=m.nc, resolution=m.resolution, device=device,
+                              load_real=rank == 0)
     z_grid = fixed_noise(cfg).to(device)
 
     sums = torch.zeros(len(METRICS), device=device)
@@ -97,11 +138,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
         (real,) = to_layout(t.channels_last, to_model_input(next(batches), device))
         out = step_fn(real)
+        if ema:
+            ema.update(g)
         sums += torch.stack([out[k] for k in METRICS])
         window_steps += 1
 
         is_last = step == t.steps
-        save_now = step % t.checkpoint_every == 0 or is_last
+        eval_now = bool(evaluator) and (step % t.eval_every == 0 or is_last)
+        save_now = step % t.checkpoint_every == 0 or is_last or eval_now
         if step % t.log_every == 0 or save_now:
             counts = torch.tensor([batches.skipped, batches.retries], dtype=sums.dtype, device=device)
             stats = torch.cat([sums / (window_steps * world), counts])
@@ -110,20 +154,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
             elapsed = time.perf_counter() - window_start
             metrics = dict(zip(METRICS + ("data_skipped", "data_retries"), stats.tolist()))
             metrics["images_per_s"] = window_steps * t.batch_size * world / elapsed
+            scores, result = {}, None
+            if eval_now:
+                t0 = time.perf_counter()
+                result = evaluate(evaluator, eval_generator(g, ema, cfg), cfg, rank, world, device)
+                unwrap(g).train()
+                scores = result["values"]
+                metrics.update(scores, eval_s=time.perf_counter() - t0)
+                if logger:
+                    logger.set_protocols(result["protocols"])
             if logger:
-                log.info("step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.2f  D(G(z)) %.2f  %.0f img/s%s", step, t.steps,
-                         metrics["loss_d"], metrics["loss_g"], metrics["d_real"], metrics["d_fake"],
-                         metrics["images_per_s"], "  [checkpoint]" if save_now else "")
+                log.info("step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.2f  D(G(z)) %.2f  %.0f img/s%s%s", step,
+                         t.steps, metrics["loss_d"], metrics["loss_g"], metrics["d_real"], metrics["d_fake"],
+                         metrics["images_per_s"], "".join(f"  {k} {v:.3f}" for k, v in scores.items() if "_" not in k),
+                         "  [checkpoint]" if save_now else "")
                 logger.add(step, metrics)
             if save_now:
                 # Ray Train's report blocks until its controller polls (about every 2 s), so it is
                 # called only with checkpoints; per-step metrics go to MLflow directly.
                 rngs = gather(checkpoint.rng_state())
-                extra = {"step": step, "start_step": start, "g_digests": gather(param_digest(g))}
+                extra = {"step": step, "start_step": start, "g_digests": gather(param_digest(g)),
+                         "score": scores.get(cfg.tune.metric, UNSCORED)}
                 ckpt = None
                 if rank == 0:
                     tmp = tempfile.mkdtemp(prefix="dcgan-ckpt-")
-                    checkpoint.save(checkpoint.training_state(g, d, opt_g, opt_d, step, rngs, cfg.to_dict()), tmp)
+                    state = checkpoint.training_state(g, d, opt_g, opt_d, step, rngs, cfg.to_dict(),
+                                                      ema.module if ema else None, result)
+                    checkpoint.save(state, tmp)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({**metrics, **extra}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
                 if logger:
@@ -132,8 +189,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window_steps, window_start = 0, time.perf_counter()
 
         if logger and ((t.sample_every and step % t.sample_every == 0) or is_last):
-            gen = unwrap(g)
-            gen.eval()
             with torch.no_grad():
-                logger.log_grid(step, gen(z_grid))
-            gen.train()
+                logger.log_grid(step, eval_generator(g, ema, cfg)(z_grid))
+            unwrap(g).train()

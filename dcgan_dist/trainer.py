@@ -17,13 +17,14 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from dcgan_dist import checkpoint, tracking
+from dcgan_dist import champion, checkpoint, evaluation, tracking
 from dcgan_dist.config import Config, DataConfig
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import resolve_shards
 from dcgan_dist.errors import ConfigError, DataError
+from dcgan_dist.ema import recalibrate_bn
 from dcgan_dist.models import build_generator
-from dcgan_dist.train_loop import train_loop_per_worker
+from dcgan_dist.train_loop import UNSCORED, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class TrainOutcome:
     metrics: dict
     checkpoint_path: str
     model_version: str | None
+    best_step: int = 0  # the step whose generator was registered (best by tune.metric, else the last)
+    best_scores: dict | None = None
+    champion: bool = False  # whether the registered version holds the champion alias now
 
 
 def _is_remote(path: str) -> bool:
@@ -84,6 +88,59 @@ def init_ray(cfg: Config) -> None:
         ray.init()
 
 
+def run_config(cfg: Config, name: str, storage_path: str | None = None, callbacks=()) -> ray.train.RunConfig:
+    """Where and how a Train run keeps its checkpoints; with evaluation on, the best ones by score survive."""
+    r = cfg.ray
+    keep = dict(checkpoint_score_attribute="score", checkpoint_score_order="min") if cfg.train.eval_every else {}
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=storage_path or r.storage_path,
+        failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.keep_checkpoints, **keep),
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our rank 0 logs progress
+        worker_runtime_env={"env_vars": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}},
+        callbacks=list(callbacks),
+    )
+
+
+def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig, resume_from=None) -> TorchTrainer:
+    r = cfg.ray
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
+        ),
+        run_config=run_cfg,
+        resume_from_checkpoint=resume_from,
+    )
+
+
+def best_checkpoint(result) -> tuple[ray.train.Checkpoint, dict]:
+    """The checkpoint with the lowest evaluated score (the metric), else the latest one."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("score", UNSCORED) < UNSCORED]
+    if scored:
+        return min(scored, key=lambda cm: cm[1]["score"])
+    return result.checkpoint, dict(result.metrics or {})
+
+
+def export_generator(state: dict, cfg: Config):
+    """G as evaluated in training: the EMA weights (batch norm recalibrated) when the run kept an EMA."""
+    g = build_generator(cfg.model, cfg.model.nc)
+    g.load_state_dict(checkpoint.final_generator_state(state))
+    if state.get("ema"):
+        recalibrate_bn(g, cfg.model.nz, seed=cfg.metrics.seed)
+    return g.eval()
+
+
+def register(cfg: Config, run_id: str, state: dict) -> tuple[str, bool]:
+    """Register the checkpoint's generator with its scores; the champion alias moves only if it is better."""
+    scored = state.get("evaluation") or {}
+    version = tracking.log_generator(cfg, run_id, export_generator(state, cfg), state["step"],
+                                     scored.get("values"), scored.get("protocols"))
+    return version, champion.promote_if_better(cfg, version, evaluation.measurer(cfg))
+
+
 def train(cfg: Config) -> TrainOutcome:
     """Run (or resume) the training run `cfg.train.run_name` to `cfg.train.steps` steps."""
     cfg = prepare_inputs(cfg)
@@ -92,22 +149,7 @@ def train(cfg: Config) -> TrainOutcome:
     log.info("%s MLflow run %s (%s), run name %r", "resuming" if resumed else "started", run_id,
              tracking.redact(cfg.tracking.uri), run_name)
     init_ray(cfg)
-    r = cfg.ray
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=r.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.keep_checkpoints),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our rank 0 logs progress
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}},
-        ),
-    )
+    trainer = make_trainer(cfg, run_id, run_config(cfg, run_name))
     try:
         result = trainer.fit()
     except BaseException:
@@ -116,12 +158,11 @@ def train(cfg: Config) -> TrainOutcome:
     if result.checkpoint is None:
         tracking.end_run(cfg, run_id, "FAILED")
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as ckpt_dir:
+    best, _ = best_checkpoint(result)
+    with best.as_directory() as ckpt_dir:
         state = checkpoint.load(ckpt_dir)
-    version = None
-    if cfg.tracking.register:
-        g = build_generator(cfg.model, cfg.model.nc)
-        g.load_state_dict(state["generator"])
-        version = tracking.log_generator(cfg, run_id, g, state["step"])
+    version, is_champion = register(cfg, run_id, state) if cfg.tracking.register else (None, False)
     tracking.end_run(cfg, run_id)
-    return TrainOutcome(run_name, run_id, state["step"], dict(result.metrics or {}), result.checkpoint.path, version)
+    return TrainOutcome(run_name, run_id, int((result.metrics or {}).get("step", state["step"])),
+                        dict(result.metrics or {}), result.checkpoint.path, version, state["step"],
+                        (state.get("evaluation") or {}).get("values", {}), is_champion)

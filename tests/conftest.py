@@ -44,6 +44,9 @@ def tiny_overrides(tmp: Path, digits: Path, **extra) -> list[str]:
         "ray.storage_path": str(tmp / "ray_results"),
         "ray.cpus_per_worker": 0.5,
         "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "metrics.num_images": 128,
+        "metrics.batch_size": 64,
+        "metrics.cache_dir": str(tmp / "metrics-cache"),
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -75,3 +75,30 @@ def test_same_run_name_resumes_and_extends(local_ray, tmp_path, digits_dir):
     assert second.metrics["start_step"] == 9 and second.step == 12
     client = MlflowClient(tracking_uri=load_config(overrides=base).tracking.uri)
     assert history(client, second.run_id, "loss_g") == [2, 4, 6, 8, 10, 12]
+
+
+def test_evaluated_run_with_ema_registers_its_best_checkpoint_with_scores(local_ray, tmp_path, digits_dir):
+    overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "scored", "train.eval_every": 4,
+                                                         "train.checkpoint_every": 6, "train.ema_decay": 0.9,
+                                                         "ray.keep_checkpoints": 1})
+    cfg = load_config(overrides=overrides)
+    out = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    swd = {m.step: m.value for m in client.get_metric_history(out.run_id, "swd")}
+    assert sorted(swd) == [4, 8, 12]  # every eval_every steps and at the end
+    assert {m.step for m in client.get_metric_history(out.run_id, "swd_16")} == {4, 8, 12}
+    best_step = min(swd, key=swd.get)
+    assert out.best_step == best_step and out.best_scores["swd"] == pytest.approx(swd[best_step])
+
+    mv = client.get_model_version(cfg.tracking.model_name, out.model_version)
+    assert mv.tags["step"] == str(best_step) and float(mv.tags["metric.swd"]) == pytest.approx(swd[best_step])
+    protocol = client.get_run(out.run_id).data.tags["protocol.swd"]
+    assert mv.tags["protocol.swd"] == protocol and '"num_fake": 128' in protocol
+    assert out.champion  # the first version in this registry
+
+    # The registered (EMA) generator scores what training measured for that step (same noise, same protocol).
+    from dcgan_dist import evaluation
+    from dcgan_dist.trainer import prepare_inputs
+
+    measured = evaluation.measurer(prepare_inputs(load_config(overrides=overrides)))(out.model_version)
+    assert measured[0]["swd"] == pytest.approx(swd[best_step], rel=1e-3)

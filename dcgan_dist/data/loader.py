@@ -9,12 +9,14 @@ re-seeds from its checkpoint's step. Bad samples and truncated shards are skippe
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
 import random
 import tarfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
@@ -49,6 +51,12 @@ class ShardSet:
     @property
     def resolution(self) -> int | None:
         return self.manifest["resolution"] if self.manifest else None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the manifest (or, without one, of the shard URLs): names this exact dataset."""
+        text = json.dumps(self.manifest, sort_keys=True) if self.manifest else "\n".join(self.urls)
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _parse_manifest(text: str | bytes, where: str) -> dict:
@@ -252,6 +260,38 @@ def make_batches(shards: ShardSet, *, channels: int, resolution: int, batch_size
     stream = ShardStream(shards.urls, counts=shards.counts, channels=channels, resolution=resolution, batch_size=batch_size,
                          seed=seed, rank=rank, start_step=start_step, shuffle_buffer=shuffle_buffer)
     return Batches(stream, num_workers)
+
+
+def read_sample(shards: ShardSet, n: int, *, channels: int, resolution: int, threads: int = 16) -> torch.Tensor:
+    """A fixed, deterministic set of up to `n` real images (uint8, N x C x H x W) spread over the dataset.
+
+    Takes the first ceil(n / m) images of m evenly spaced shards (m = min(shards, n)): the same
+    images every time, from every part of the data, without reading all of it. Evaluation's real side.
+    """
+    m = min(len(shards.urls), n)
+    picked = [shards.urls[i * len(shards.urls) // m] for i in range(m)]
+    per_shard = -(-n // m)
+
+    def head(url: str) -> list[torch.Tensor]:
+        out = []
+        try:
+            with open_shard(url) as f:
+                for key, sample in iter_tar(f):
+                    try:
+                        out.append(decode_sample(sample, channels, resolution))
+                    except ValueError as e:
+                        log.warning("data: skipping sample %s in %s: %s", key, url, e)
+                    if len(out) == per_shard:
+                        break
+        except (tarfile.TarError, OSError, EOFError) as e:
+            log.warning("data: shard %s unreadable after %d samples: %s", url, len(out), e)
+        return out
+
+    with ThreadPoolExecutor(threads) as pool:
+        images = [img for part in pool.map(head, picked) for img in part][:n]
+    if not images:
+        raise DataError(f"no readable images in {len(picked)} shard(s) starting at {picked[0]}")
+    return torch.stack(images)
 
 
 def to_model_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:

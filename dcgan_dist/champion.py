@@ -1,0 +1,66 @@
+"""The registry rule: the `champion` alias moves only to a generator that beats the current one.
+
+"Beats" means a lower `tune.metric` measured with the same protocol (sample counts, extractor,
+data, resolution, seed). When the champion's recorded number was taken with another protocol,
+the champion is measured again now, with this one, before the comparison; a new version with
+no number never takes the alias from a champion that has one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException, RestException
+
+from dcgan_dist.config import Config
+from dcgan_dist.tracking import CHAMPION, tag_scores
+
+log = logging.getLogger(__name__)
+
+# measure(version) -> (scores, {metric: protocol key}) under the candidate's protocol
+Measure = Callable[[str], tuple[dict[str, float], dict[str, str]]]
+
+
+def recorded(mv, metric: str) -> tuple[float | None, str | None]:
+    """(value, protocol key) of `metric` as tagged on a model version, or (None, None)."""
+    value = mv.tags.get(f"metric.{metric}")
+    return (float(value) if value is not None else None), mv.tags.get(f"protocol.{metric}")
+
+
+def promote_if_better(cfg: Config, version: str, measure: Measure | None = None) -> bool:
+    """Give `version` the champion alias if there is none, or if it measures better. Returns True if it has it."""
+    client, name, metric = MlflowClient(cfg.tracking.uri), cfg.tracking.model_name, cfg.tune.metric
+    candidate = client.get_model_version(name, version)
+    value, protocol = recorded(candidate, metric)
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except (MlflowException, RestException):
+        client.set_registered_model_alias(name, CHAMPION, version)
+        log.info("%s version %s is the first: alias @%s set", name, version, CHAMPION)
+        return True
+    if str(champ.version) == str(version):
+        return True
+    if value is None:
+        log.info("%s version %s has no %s: @%s stays on version %s", name, version, metric, CHAMPION, champ.version)
+        return False
+    champ_value, champ_protocol = recorded(champ, metric)
+    if champ_protocol != protocol:
+        if measure is None:
+            log.info("@%s (version %s) has no %s under this protocol and cannot be measured: it stays",
+                     CHAMPION, champ.version, metric)
+            return False
+        scores, protocols = measure(str(champ.version))
+        if protocols.get(metric) != protocol:
+            raise RuntimeError(f"re-measuring version {champ.version} used another protocol than version {version}")
+        tag_scores(cfg, str(champ.version), scores, protocols)
+        champ_value = scores[metric]
+    if value < champ_value:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        log.info("%s version %s: %s %.4f beats @%s version %s (%.4f): alias moved",
+                 name, version, metric, value, CHAMPION, champ.version, champ_value)
+        return True
+    log.info("%s version %s: %s %.4f does not beat @%s version %s (%.4f): alias stays",
+             name, version, metric, value, CHAMPION, champ.version, champ_value)
+    return False

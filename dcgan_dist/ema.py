@@ -1,0 +1,56 @@
+"""An exponential moving average of the generator's weights (`train.ema_decay`).
+
+Averaged weights give smoother, usually better samples than the last step's (as in
+progressive GANs and StyleGAN); when on, they are what gets evaluated and exported.
+Batch-norm statistics do not average meaningfully, so `recalibrate_bn` recomputes them for the
+averaged weights from fresh noise: G's input is only z, so no data is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dcgan_dist.step import unwrap
+
+
+class GeneratorEMA:
+    """Holds `module`, a frozen copy of G whose parameters trail G's: p_ema <- decay * p_ema + (1 - decay) * p."""
+
+    def __init__(self, generator: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(unwrap(generator)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, generator: nn.Module) -> None:
+        ema, live = list(self.module.parameters()), list(unwrap(generator).parameters())
+        torch._foreach_lerp_(ema, live, 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+
+@torch.no_grad()
+def recalibrate_bn(generator: nn.Module, nz: int, *, batches: int = 16, batch_size: int = 128, seed: int = 0) -> nn.Module:
+    """Reset and re-estimate every BatchNorm's running mean/var from `batches` of seeded noise.
+
+    Deterministic for a given seed, so every rank computes the same statistics. Leaves G in eval mode.
+    """
+    bns = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    device = next(generator.parameters()).device
+    rng = torch.Generator().manual_seed(seed)
+    generator.train()
+    for _ in range(batches):
+        generator(torch.randn(batch_size, nz, generator=rng).to(device))
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    return generator.eval()

@@ -1,0 +1,126 @@
+"""Evaluate a generator outside training: a registered MLflow model version, or G from a checkpoint.
+
+One path serves `jobs/evaluate.py` and the champion rule (which re-measures the current champion
+when its recorded number was taken with another protocol). The fake images come from the same
+fixed noise as evaluations during training, so the numbers are directly comparable.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from dcgan_dist import tracking
+from dcgan_dist.config import Config, set_key
+from dcgan_dist.data.loader import resolve_shards
+from dcgan_dist.errors import ConfigError, TrackingError
+from dcgan_dist.metrics.registry import Evaluator, Protocol, eval_noise, generate
+
+log = logging.getLogger(__name__)
+
+
+def make_evaluator(cfg: Config, extractor=None) -> Evaluator:
+    """An evaluator for `cfg.data.url` at the config's resolution (the real side comes from the cache when it can)."""
+    shards = resolve_shards(cfg.data.url)
+    channels = cfg.model.nc or shards.channels
+    if channels is None:
+        raise ConfigError(f"data.url {cfg.data.url!r} has no manifest: set model.nc")
+    if shards.resolution and shards.resolution != cfg.model.resolution:
+        raise ConfigError(f"model.resolution is {cfg.model.resolution} but data.url holds "
+                          f"{shards.resolution}x{shards.resolution} images")
+    return Evaluator(cfg.metrics, shards, channels=channels, resolution=cfg.model.resolution, extractor=extractor)
+
+
+def score_generator(cfg: Config, generator, evaluator: Evaluator, device="cpu") -> tuple[dict[str, float], dict[str, Protocol]]:
+    """Generate `metrics.num_images` images from the fixed evaluation noise and score them."""
+    z = eval_noise(cfg.model.nz, cfg.metrics.num_images, cfg.metrics.seed)
+    fake = generate(generator, z, cfg.metrics.batch_size, device)
+    want = (evaluator.channels, evaluator.resolution, evaluator.resolution)
+    if tuple(fake.shape[1:]) != want:
+        raise ConfigError(f"the generator makes {tuple(fake.shape[1:])} images but data.url holds {want} (C, H, W)")
+    return evaluator.score([evaluator.payload(fake)], cfg.metrics.num_images)
+
+
+def parse_model_uri(uri: str) -> tuple[str, str, str]:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (name, "alias" | "version", value)."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    if not m:
+        raise ConfigError(f"--model {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return (m[1], "alias", m[2]) if m[2] else (m[1], "version", m[3])
+
+
+def resolve_version(tracking_uri: str, uri: str):
+    """The MLflow ModelVersion a `models:/` URI points at, or a TrackingError naming it."""
+    name, kind, value = parse_model_uri(uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        if kind == "alias":
+            return client.get_model_version_by_alias(name, value)
+        return client.get_model_version(name, value)
+    except MlflowException as e:
+        raise TrackingError(f"{uri}: no such registered model version in {tracking_uri} ({e.message.splitlines()[0]})") from None
+
+
+def load_registered(tracking_uri: str, name: str, version: str):
+    """The registered generator as a callable z -> images (a torch.export GraphModule, CPU)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/{name}/{version}")
+    return lambda z: model(z.float().cpu())
+
+
+def measure_version(cfg: Config, version: str, evaluator: Evaluator) -> tuple[dict[str, float], dict[str, Protocol]]:
+    """Score registered version `version` of `tracking.model_name` with `evaluator`'s protocol."""
+    log.info("measuring %s version %s on %s", cfg.tracking.model_name, version, cfg.data.url)
+    with torch.no_grad():
+        return score_generator(cfg, load_registered(cfg.tracking.uri, cfg.tracking.model_name, version), evaluator)
+
+
+def measurer(cfg: Config, evaluator: Evaluator | None = None):
+    """`measure(version) -> (values, {metric: protocol key})` for the champion rule; the evaluator is built on first use."""
+    made = [evaluator]
+
+    def measure(version: str) -> tuple[dict[str, float], dict[str, str]]:
+        made[0] = made[0] or make_evaluator(cfg)
+        values, protocols = measure_version(cfg, version, made[0])
+        return values, {k: p.key for k, p in protocols.items()}
+
+    return measure
+
+
+@dataclass
+class EvalOutcome:
+    version: str
+    step: str
+    data_url: str
+    values: dict[str, float]
+    protocols: dict[str, Protocol]
+    run_id: str
+
+
+def evaluate_registered(cfg: Config, model_uri: str, data_url: str | None = None) -> EvalOutcome:
+    """Score a registered generator; log the numbers with their protocols to MLflow and on the version."""
+    cfg.tracking.uri = tracking.resolve_uri(cfg.tracking.uri)
+    mv = resolve_version(cfg.tracking.uri, model_uri)
+    client = MlflowClient(cfg.tracking.uri)
+    trained = client.get_run(mv.run_id).data.params  # the model's shape and data, as it was trained
+    for key in ("model.nz", "model.resolution", "model.nc"):
+        if key in trained:
+            set_key(cfg, key, trained[key])
+    cfg.data.url = data_url or trained.get("data.url") or cfg.data.url
+    cfg.tracking.model_name = mv.name
+    values, protocols = measure_version(cfg, str(mv.version), make_evaluator(cfg))
+    keys = {k: p.key for k, p in protocols.items()}
+    tracking.tag_scores(cfg, str(mv.version), values, keys)
+    run = client.create_run(tracking.experiment_id(cfg), run_name=f"evaluate-{mv.name}-v{mv.version}",
+                            tags={"dcgan.evaluates": f"models:/{mv.name}/{mv.version}"})
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(f"protocol.{k}", v) for k, v in keys.items()]
+                     + [mlflow.entities.Param("data.url", tracking.redact(cfg.data.url))])
+    tracking.log_values(cfg, run.info.run_id, values, step=int(mv.tags.get("step", 0)))
+    client.set_terminated(run.info.run_id)
+    return EvalOutcome(str(mv.version), mv.tags.get("step", "?"), cfg.data.url, values, protocols, run.info.run_id)

@@ -1,0 +1,133 @@
+"""Evaluation outside training and the champion rule, against real shards and a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+from conftest import tiny_overrides
+from dcgan_dist import champion, evaluation, tracking
+from dcgan_dist.config import load_config
+from dcgan_dist.data import shards, sources
+from dcgan_dist.data.loader import read_sample, resolve_shards
+from dcgan_dist.metrics.inception import TorchExtractor
+from dcgan_dist.metrics.registry import Evaluator, Protocol
+from dcgan_dist.trainer import prepare_inputs
+
+
+class BankGenerator(nn.Module):
+    """z -> one of a fixed set of real images, with its contrast scaled: a generator of known quality.
+
+    scale 1 reproduces real images (SWD near 0); smaller scales are dimmer and measurably worse.
+    """
+
+    def __init__(self, images: torch.Tensor, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("bank", images.float() / 127.5 - 1)
+        self.scale = scale
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        idx = (z[:, 0].abs() * 1e4).long() % self.bank.shape[0]
+        return (self.bank.index_select(0, idx) + 1) * self.scale - 1
+
+
+def standin_extractor() -> TorchExtractor:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return TorchExtractor(net, name="standin", sha256="5" * 64, dim=16, input_size=32)
+
+
+@pytest.fixture
+def cfg(tmp_path, digits_dir):
+    return prepare_inputs(load_config(overrides=tiny_overrides(tmp_path, digits_dir)))
+
+
+def test_real_side_is_cached_per_manifest_and_rebuilt_when_the_data_changes(cfg, tmp_path, digits_dir):
+    shard_set = resolve_shards(str(digits_dir))
+    first = Evaluator(cfg.metrics, shard_set, channels=1, resolution=32, extractor=standin_extractor())
+    assert first.cache_hits == [] and len(first.real_images) == 128 and first.real_features.shape == (128, 16)
+    again = Evaluator(cfg.metrics, shard_set, channels=1, resolution=32, extractor=standin_extractor())
+    assert again.cache_hits == ["images", "standin-555555555555"]
+    assert torch.equal(again.real_images, first.real_images)
+    assert (again.real_features == first.real_features).all()
+
+    # Same images, different sharding -> a different manifest -> a different cache entry.
+    other = tmp_path / "digits-other"
+    shards.build_shards(sources.Digits(), str(other), resolution=32, encoding="png", shard_size=300, progress=False)
+    changed = Evaluator(cfg.metrics, resolve_shards(str(other)), channels=1, resolution=32)
+    assert changed.cache_hits == []
+    assert resolve_shards(str(other)).fingerprint != shard_set.fingerprint
+
+
+def test_scores_carry_their_protocol_and_rank_generators_by_quality(cfg, digits_dir):
+    ev = Evaluator(cfg.metrics, resolve_shards(str(digits_dir)), channels=1, resolution=32,
+                   extractor=standin_extractor())
+    bank = read_sample(resolve_shards(str(digits_dir)), 128, channels=1, resolution=32)
+    good, _ = evaluation.score_generator(cfg, BankGenerator(bank), ev)
+    bad, protocols = evaluation.score_generator(cfg, BankGenerator(bank, scale=0.5), ev)
+    for name in ("swd", "fid", "kid"):
+        assert good[name] < bad[name], name
+    p = protocols["fid"]
+    assert p == Protocol("fid", 128, 128, 32, resolve_shards(str(digits_dir)).fingerprint, "standin:" + "5" * 64, 0)
+    assert Protocol.from_key(p.key) == p and protocols["swd"].extractor == ""
+    # The same generator through the same protocol gives the same number (fixed noise, seeds).
+    assert evaluation.score_generator(cfg, BankGenerator(bank), ev)[0]["swd"] == pytest.approx(good["swd"])
+
+
+def register(cfg, gen, name: str, evaluator=None) -> str:
+    run_id, _ = tracking.start_run(cfg, name)
+    values, protocols = evaluation.score_generator(cfg, gen, evaluator) if evaluator else ({}, {})
+    version = tracking.log_generator(cfg, run_id, gen, 1, values, {k: p.key for k, p in protocols.items()})
+    tracking.end_run(cfg, run_id)
+    return version
+
+
+def test_a_worse_generator_never_takes_champion_from_a_better_one(cfg, digits_dir):
+    client = MlflowClient(cfg.tracking.uri)
+    ev = evaluation.make_evaluator(cfg)
+    bank = read_sample(resolve_shards(str(digits_dir)), 128, channels=1, resolution=32)
+    good, bad = BankGenerator(bank), BankGenerator(bank, scale=0.5)
+
+    measure = evaluation.measurer(cfg, ev)
+    def holder():
+        return str(client.get_model_version_by_alias(cfg.tracking.model_name, "champion").version)
+
+    v1 = register(cfg, bad, "bad-1", ev)
+    assert champion.promote_if_better(cfg, v1, measure) and holder() == v1  # the first takes it
+    v2 = register(cfg, good, "good-1", ev)
+    assert champion.promote_if_better(cfg, v2, measure) and holder() == v2  # better: it moves
+    v3 = register(cfg, bad, "bad-2", ev)
+    assert not champion.promote_if_better(cfg, v3, measure) and holder() == v2  # worse: it stays
+    v4 = register(cfg, good, "unscored")
+    assert not champion.promote_if_better(cfg, v4, measure) and holder() == v2  # no number: it stays
+
+    # A candidate measured with another protocol: the champion is re-measured with that protocol first.
+    cfg64 = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, num_images=64))
+    ev64 = evaluation.make_evaluator(cfg64)
+    v5 = register(cfg64, bad, "bad-64", ev64)
+    assert not champion.promote_if_better(cfg64, v5, evaluation.measurer(cfg64, ev64)) and holder() == v2
+    tags = client.get_model_version(cfg.tracking.model_name, v2).tags
+    assert Protocol.from_key(tags["protocol.swd"]).num_fake == 64  # re-measured and re-tagged
+    assert float(tags["metric.swd"]) < float(client.get_model_version(cfg.tracking.model_name, v5).tags["metric.swd"])
+
+
+def test_evaluate_job_scores_a_registered_version_and_logs_the_protocol(cfg, digits_dir):
+    bank = read_sample(resolve_shards(str(digits_dir)), 128, channels=1, resolution=32)
+    run_id, _ = tracking.start_run(cfg, "to-evaluate")
+    version = tracking.log_generator(cfg, run_id, BankGenerator(bank, scale=0.8), 7)
+    out = evaluation.evaluate_registered(cfg, f"models:/{cfg.tracking.model_name}/{version}")
+    assert out.version == version and out.step == "7" and out.values["swd"] > 0
+    client = MlflowClient(cfg.tracking.uri)
+    tags = client.get_model_version(cfg.tracking.model_name, version).tags
+    assert float(tags["metric.swd"]) == pytest.approx(out.values["swd"])
+    assert Protocol.from_key(tags["protocol.swd"]).num_fake == 128
+    run = client.get_run(out.run_id)
+    assert run.data.metrics["swd"] == pytest.approx(out.values["swd"])
+    assert Protocol.from_key(run.data.params["protocol.swd"]).data == resolve_shards(str(digits_dir)).fingerprint
+    with pytest.raises(Exception, match="models:/nope@champion"):
+        evaluation.evaluate_registered(cfg, "models:/nope@champion")
