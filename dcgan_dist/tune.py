@@ -28,6 +28,7 @@ import ray
 import ray.train
 import yaml
 from ray import tune
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from dcgan_dist import checkpoint, tracking, trainer
 from dcgan_dist.config import Config, from_dict, set_key
@@ -112,9 +113,8 @@ def _search_alg(cfg: Config):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=cfg.train.seed)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=cfg.train.seed)  # random sampling, grid values in order
+    # Random sampling, grid values in order; a SearchGenerator enforces its own concurrency limit.
+    return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=cfg.tune.max_concurrent)
 
 
 def _trial_name(search_name: str) -> str:
@@ -175,6 +175,8 @@ def search(cfg: Config, space: Space) -> SearchOutcome:
     tc, metric = cfg.tune, cfg.tune.metric
     if not cfg.train.eval_every:
         raise ConfigError("train.eval_every is 0: a search needs evaluations to compare trials")
+    if tc.scheduler == "asha" and tc.grace_period > cfg.train.steps:
+        raise ConfigError(f"tune.grace_period ({tc.grace_period}) is longer than train.steps ({cfg.train.steps})")
     if cfg.train.checkpoint_every != cfg.train.eval_every:
         log.info("search: checkpointing with every evaluation (train.checkpoint_every = %d)", cfg.train.eval_every)
         cfg.train.checkpoint_every = cfg.train.eval_every
@@ -185,12 +187,14 @@ def search(cfg: Config, space: Space) -> SearchOutcome:
     trainer.init_ray(cfg)
     fn = tune.with_parameters(run_trial, base=cfg.to_dict(), search_name=name, parent_run_id=parent_run_id,
                               storage=storage)
+    search_alg = _search_alg(cfg)
+    limit = None if isinstance(search_alg, BasicVariantGenerator) else tc.max_concurrent  # it limits itself
     tuner = tune.Tuner(
         tune.with_resources(fn, {"CPU": 0.01}),  # the trial's Train workers reserve the real resources
         param_space=space.params,
         tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=tc.num_samples,
-                                    max_concurrent_trials=tc.max_concurrent, scheduler=_scheduler(cfg, space),
-                                    search_alg=_search_alg(cfg)),
+                                    max_concurrent_trials=limit, scheduler=_scheduler(cfg, space),
+                                    search_alg=search_alg),
         run_config=tune.RunConfig(name=name, storage_path=cfg.ray.storage_path, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -199,7 +203,7 @@ def search(cfg: Config, space: Space) -> SearchOutcome:
     except BaseException:
         tracking.end_run(cfg, parent_run_id, "FAILED")
         raise
-    rows, best = _collect(grid, name, metric)
+    rows, best = _collect(grid, name, metric, cfg.train.steps)
     if best is None:
         tracking.close_trial_runs(cfg, parent_run_id, {r["trial"]: r["status"] for r in rows})
         tracking.end_run(cfg, parent_run_id, "FAILED")
@@ -211,7 +215,7 @@ def search(cfg: Config, space: Space) -> SearchOutcome:
     return SearchOutcome(name, parent_run_id, rows, best["trial"], best["value"], best["step"], version, is_champion)
 
 
-def _collect(grid, name: str, metric: str) -> tuple[list[dict], dict | None]:
+def _collect(grid, name: str, metric: str, total_steps: int) -> tuple[list[dict], dict | None]:
     """One row per trial, and the best (trial, step, checkpoint) over every evaluation of every trial."""
     rows, best = [], None
     for result in grid:
@@ -225,7 +229,7 @@ def _collect(grid, name: str, metric: str) -> tuple[list[dict], dict | None]:
         i = scored[metric].idxmin()
         steps = int(df["step"].max())
         row.update({metric: float(scored.loc[i, metric]), "best_step": int(scored.loc[i, "step"]), "steps": steps})
-        if steps < result.config.get("train.steps", steps) and not result.error:
+        if steps < result.config.get("train.steps", total_steps) and not result.error:
             row["status"] = "STOPPED"  # the scheduler ended it early
         rows.append(row)
         if best is None or row[metric] < best["value"]:

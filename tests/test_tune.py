@@ -33,6 +33,7 @@ def make_space(tmp_path, fixed: dict, space: dict) -> str:
 def search_config(tmp_path, digits_dir, space_path: str, **tune_keys):
     space = load_space(space_path)
     overrides = tiny_overrides(tmp_path, digits_dir, **{"ray.cpus_per_worker": 0.45, "tune.space": space_path,
+                                                        **space.fixed,  # the tiny settings would override them
                                                         **{f"tune.{k}": v for k, v in tune_keys.items()}})
     return load_config(overrides=overrides, defaults=space.fixed), space
 
