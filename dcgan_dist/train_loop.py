@@ -103,6 +103,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ema = GeneratorEMA(g, t.ema_decay) if t.ema_decay > 0 else None
 
     start, restored = 1, ray.train.get_checkpoint()
+    if restored is None:
+        restored = loop_config.get("init_from")
     if restored:
         with restored.as_directory() as ckpt_dir:
             state = checkpoint.load(ckpt_dir, map_location=device)

@@ -103,16 +103,17 @@ def run_config(cfg: Config, name: str, storage_path: str | None = None, callback
     )
 
 
-def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig, resume_from=None) -> TorchTrainer:
+def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
+                 init_from: ray.train.Checkpoint | None = None) -> TorchTrainer:
+    """`init_from`: a checkpoint a new run starts from (PBT); the run's own checkpoints, once any exist, win."""
     r = cfg.ray
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id},
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from": init_from},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
         ),
         run_config=run_cfg,
-        resume_from_checkpoint=resume_from,
     )
 
 

@@ -143,7 +143,7 @@ def _run_segments(cfg: Config, run_id: str, storage: str) -> None:
     if restored:  # a restart, or an exploit of another trial's checkpoint
         with restored.as_directory() as d:
             state = checkpoint.load(d)
-        start, resume = state["step"], ray.train.Checkpoint.from_directory(d)
+        start, resume = state["step"], restored
         donor = state["config"]["train"]["run_name"]
         tracking.tag_run(cfg, run_id, {"pbt.last_start": f"{donor} step {start}"})
     tracking.log_values(cfg, run_id, {"lr_g": cfg.train.lr_g, "lr_d": cfg.train.lr_d}, start)
@@ -151,7 +151,7 @@ def _run_segments(cfg: Config, run_id: str, storage: str) -> None:
         seg = copy.deepcopy(cfg)
         seg.train.steps = min(start + cfg.tune.perturbation_interval, cfg.train.steps)
         name = f"{cfg.train.run_name}-from{start:07d}-{uuid.uuid4().hex[:6]}"
-        result = trainer.make_trainer(seg, run_id, trainer.run_config(seg, name, storage), resume_from=resume).fit()
+        result = trainer.make_trainer(seg, run_id, trainer.run_config(seg, name, storage), init_from=resume).fit()
         metrics = dict(result.metrics or {})
         start, resume = int(metrics["step"]), result.checkpoint
         report = {k: metrics[k] for k in metrics if isinstance(metrics[k], (int, float))}
@@ -238,9 +238,16 @@ def _collect(grid, name: str, metric: str, total_steps: int) -> tuple[list[dict]
     return rows, best
 
 
+def _uri(path: str, storage: str) -> str:
+    """Checkpoint paths come back without their scheme (`bucket/key`); put the storage's back (`s3://bucket/key`)."""
+    if "://" in storage and "://" not in path:
+        return f"{storage.split('://', 1)[0]}://{path}"
+    return path
+
+
 def _register_best(cfg: Config, best: dict) -> tuple[str | None, bool]:
     """Register the best checkpoint's generator in its trial's MLflow run; move champion if it is better."""
-    ckpt = ray.train.Checkpoint(best["checkpoint_path"])
+    ckpt = ray.train.Checkpoint(_uri(best["checkpoint_path"], cfg.ray.storage_path))
     with ckpt.as_directory() as d:
         state = checkpoint.load(d)
     trial_cfg = from_dict(state["config"])

@@ -17,8 +17,8 @@ import os
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
 from dcgan_dist.data import s3
@@ -155,9 +155,11 @@ def _read(uri: str) -> bytes:
             return s3.read_bytes(uri)
         except DcganError as e:
             raise _fail(uri, f"cannot read it ({e})") from e
-    if not os.path.isfile(uri):
+    if not os.path.exists(uri):
         raise _fail(uri, f"does not exist; download {STANDARD_FILE} once, by hand, from the pytorch-fid "
                          "GitHub releases and point metrics.inception_weights at it")
+    if not os.path.isfile(uri):
+        raise _fail(uri, f"is not a file; point metrics.inception_weights at {STANDARD_FILE} itself")
     try:
         with open(uri, "rb") as f:
             return f.read()
@@ -177,7 +179,7 @@ def load_inception(uri: str, sha256: str = "", device="cpu", batch_size: int = 6
                          f"official {STANDARD_FILE}; set metrics.inception_sha256 to use another file")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
+    except Exception as e:  # torch.load raises many types for a bad file
         raise _fail(uri, f"cannot be loaded as a PyTorch weights file ({type(e).__name__}: {_first_line(e)})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise _fail(uri, f"is not a state dict of tensors (got {type(state).__name__})")

@@ -15,7 +15,9 @@ Protocol, as in progressive_growing_of_gans `metrics/sliced_wasserstein.py`:
 
 Deviation from PGGAN: both descriptor sets are normalized with the *real* set's per-channel mean
 and std. PGGAN normalizes each set by its own statistics, which makes the metric blind to a global
-colour or brightness shift of the generated images; with shared statistics such a shift shows up.
+shift or scaling of a channel (a colour cast, brightness, contrast) of the generated images; with
+shared statistics such a change shows up (a pure shift at the coarsest level: the band-pass
+levels ignore constants).
 Descriptor sets of different sizes are compared after subsampling the larger one (sorted
 projections must pair up one to one).
 
@@ -71,7 +73,7 @@ def laplacian_pyramid(images: torch.Tensor, num_levels: int) -> list[torch.Tenso
 
 def _descriptors(level: torch.Tensor, per_image: int, gen: torch.Generator) -> torch.Tensor:
     """`per_image` random 7x7 neighbourhoods per image, fully inside it: (N * per_image, C * 49)."""
-    n, c, s, _ = level.shape
+    n, _, s, _ = level.shape
     ys = torch.randint(0, s - NHOOD + 1, (n, per_image), generator=gen)  # top-left corners
     xs = torch.randint(0, s - NHOOD + 1, (n, per_image), generator=gen)
     windows = level.unfold(2, NHOOD, 1).unfold(3, NHOOD, 1).permute(0, 2, 3, 1, 4, 5)  # (N, y, x, C, 7, 7), a view
@@ -139,7 +141,11 @@ def _check(name: str, x: torch.Tensor) -> None:
 
 def swd(real: torch.Tensor, fake: torch.Tensor, *, seed: int = 0, patches_per_image: int = 128,
         dir_repeats: int = 4, dirs_per_repeat: int = 128, min_resolution: int = 16) -> dict[str, float]:
-    """SWD x 1e3 between two uint8 image sets: {"swd": mean over levels, "swd_<res>": each level}."""
+    """SWD x 1e3 between two uint8 image sets: {"swd": mean over levels, "swd_<res>": each level}.
+
+    Time and memory grow with N * patches_per_image * levels (descriptors of all levels are held:
+    about 0.9 GB for 2048 RGB 64x64 images per side).
+    """
     _check("real", real)
     _check("fake", fake)
     if real.shape[1:] != fake.shape[1:]:
