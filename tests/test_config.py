@@ -71,3 +71,22 @@ def test_bad_files(tmp_path):
     unknown.write_text("train:\n  epochs: 3\n")
     with pytest.raises(ConfigError, match="train.epochs"):
         load_config(unknown)
+
+
+def test_every_key_is_in_the_readme_reference():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    reference = readme[readme.index("## Configuration reference"):]
+    missing = [k for k in load_config().flat() if f"`{k}`" not in reference]
+    assert not missing, f"README configuration reference lacks {missing}"
+
+
+def test_metric_and_search_settings_are_checked():
+    with pytest.raises(ConfigError, match="tune.metric: fid needs metrics.inception_weights"):
+        load_config(overrides=["tune.metric=fid"])
+    with pytest.raises(ConfigError, match="tune.scheduler"):
+        load_config(overrides=["tune.scheduler=hyperband"])
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        load_config(overrides=["train.ema_decay=1.0"])
+    assert load_config(overrides=["tune.metric=kid", "metrics.inception_weights=w.pth"]).tune.metric == "kid"
