@@ -86,8 +86,19 @@ def eval_generator(g: nn.Module, ema: GeneratorEMA | None, cfg: Config) -> nn.Mo
     return recalibrate_bn(ema.module, cfg.model.nz, seed=cfg.metrics.seed)
 
 
+def _log_to_console() -> None:
+    """Our progress lines at INFO on the worker's console, without raising Ray's own loggers to INFO."""
+    pkg = logging.getLogger("dcgan_dist")
+    if not pkg.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        pkg.addHandler(handler)
+        pkg.setLevel(logging.INFO)
+        pkg.propagate = False
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_console()
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
