@@ -23,6 +23,7 @@ from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import resolve_shards
 from dcgan_dist.errors import ConfigError, DataError
 from dcgan_dist.ema import recalibrate_bn
+from dcgan_dist.metrics.inception import load_inception
 from dcgan_dist.models import build_generator
 from dcgan_dist.train_loop import UNSCORED, train_loop_per_worker
 
@@ -74,6 +75,11 @@ def prepare_inputs(cfg: Config) -> Config:
         cfg.model.nc = shard_set.channels
     elif not cfg.model.nc:
         raise DataError(f"data.url {cfg.data.url!r} has no manifest.json: set model.nc (1 or 3) explicitly")
+    weights = cfg.metrics.inception_weights
+    if weights and cfg.train.eval_every:
+        if not _is_remote(weights):
+            cfg.metrics.inception_weights = weights = str(Path(weights).expanduser().resolve())
+        load_inception(weights, cfg.metrics.inception_sha256)  # a missing or wrong file fails here, not in a worker
     if not cfg.train.run_name:
         cfg.train.run_name = time.strftime("dcgan-%Y%m%d-%H%M%S")
     return cfg

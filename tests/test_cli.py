@@ -81,3 +81,29 @@ def test_data_benchmark_runs_end_to_end(tmp_path):
     assert [row["encoding"] for row in rows] == ["jpg", "raw"]
     assert all(row["stream_s3_images_per_s"] > 0 and row["build_images_per_s_per_core"] > 0 for row in rows)
     assert rows[1]["bytes_per_image"] > rows[0]["bytes_per_image"]  # raw arrays are bigger than JPEGs
+
+
+def test_tune_and_evaluate_reject_bad_input_in_one_line(tmp_path):
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cases = [
+        (["jobs/tune.py", "--set", f"tune.space={tmp_path / 'nope.yaml'}"], "tune.space: search-space file"),
+        (["jobs/tune.py", "--set", "tune.metric=fid"], "tune.metric: fid needs metrics.inception_weights"),
+        (["jobs/evaluate.py", "--model", "dcgan-generator"], "expected models:/NAME@ALIAS or models:/NAME/VERSION"),
+        (["jobs/evaluate.py", "--model", "models:/nope@champion", "--set", f"tracking.uri={db}"],
+         "models:/nope@champion: no such registered model version"),
+    ]
+    for args, needle in cases:
+        r = run_job(*args)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_checks_the_inception_weights_before_starting_ray(tmp_path, digits_dir):
+    bad = tmp_path / "inception.pth"
+    bad.write_bytes(b"not weights")
+    for weights, needle in [(tmp_path / "missing.pth", "does not exist"), (bad, "sha256")]:
+        r = run_job("jobs/train.py", *sets(tiny_overrides(tmp_path, digits_dir,
+                                                          **{"metrics.inception_weights": weights})))
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "metrics.inception_weights" in r.stderr and needle in r.stderr and "Traceback" not in r.stderr
+        assert "Started a local Ray instance" not in r.stderr + r.stdout

@@ -285,3 +285,31 @@ def test_a_connection_cut_mid_body_resumes_with_a_range_request(moto):
         os.environ["AWS_ENDPOINT_URL_S3"] = moto.url
         s3._clients.clear()
         proxy.close()
+
+
+def test_inception_weights_load_from_s3_with_their_checksum_and_real_stats_come_from_s3_shards(moto, tmp_path):
+    import hashlib
+    import io
+
+    import torch
+
+    from dcgan_dist.config import MetricsConfig
+    from dcgan_dist.errors import ConfigError
+    from dcgan_dist.metrics.inception import fid_inception_v3, load_inception
+    from dcgan_dist.metrics.registry import Evaluator
+
+    buf = io.BytesIO()
+    torch.save(fid_inception_v3().state_dict(), buf)
+    s3.write_bytes("s3://data/weights/inception.pth", buf.getvalue())
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
+    extractor = load_inception("s3://data/weights/inception.pth", digest)
+    assert extractor.sha256 == digest and extractor.dim == 2048
+    with pytest.raises(ConfigError, match="s3://data/weights/missing.pth"):
+        load_inception("s3://data/weights/missing.pth", digest)
+
+    shards.build_shards(sources.Digits(), "s3://data/digits-eval/", resolution=32, encoding="png", shard_size=400,
+                        workers=1, progress=False)
+    ev = Evaluator(MetricsConfig(num_images=64, cache_dir=str(tmp_path)), resolve_shards("s3://data/digits-eval/"),
+                   channels=1, resolution=32)
+    assert ev.real_images.shape == (64, 1, 32, 32) and ev.names == ("swd",)
+    assert len({int(x) for x in ev.real_images.float().mean((1, 2, 3)).round()}) > 10  # many different images
