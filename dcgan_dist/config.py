@@ -215,6 +215,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content, or a ConfigError saying which file (`what` names its role) is missing or broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 defaults: dict[str, Any] | None = None) -> Config:
     """Defaults (plus `defaults`, flat keys), then the YAML file, then `--set` overrides; then validation."""
@@ -222,14 +233,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for key, value in (defaults or {}).items():
         set_key(cfg, key, value)
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        _apply_mapping(cfg, data, str(path))
+        _apply_mapping(cfg, read_yaml(path, "config file"), str(path))
     for text in overrides:
         set_key(cfg, *parse_override(text))
     return validate(cfg)

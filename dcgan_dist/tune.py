@@ -21,17 +21,15 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
-import yaml
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from dcgan_dist import checkpoint, tracking, trainer
-from dcgan_dist.config import Config, from_dict, set_key
+from dcgan_dist.config import Config, from_dict, read_yaml, set_key
 from dcgan_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,13 +53,9 @@ class Space:
 
 def load_space(path: str) -> Space:
     """Read and check a search-space YAML: `fixed:` {key: value} and `space:` {key: {dist: [args]}}."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"tune.space: search-space file {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"tune.space: {path} is not valid YAML: {e}") from None
+    data = read_yaml(path, "tune.space: search-space file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"tune.space: {path} must hold a mapping with 'space:' (and optionally 'fixed:')")
     unknown = set(data) - {"fixed", "space"}
     if unknown or not isinstance(data.get("space"), dict) or not data["space"]:
         raise ConfigError(f"tune.space: {path} needs a non-empty 'space:' mapping (and optionally 'fixed:'), "
