@@ -1,4 +1,5 @@
-"""Loopback servers for tests and benchmarks: moto's standalone S3 server (needs the `dev` extra)."""
+"""Loopback servers for tests and benchmarks: moto's standalone S3 server (needs the `dev` extra) and
+an MLflow tracking server started through `cluster/start_mlflow.sh`, the launcher users run."""
 
 from __future__ import annotations
 
@@ -53,3 +54,42 @@ def client_env(endpoint: str) -> dict:
     """What a user's shell would hold: an endpoint override and (fake) credentials from the environment."""
     return {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class MlflowServer:
+    """`cluster/start_mlflow.sh` on 127.0.0.1 with its state in `state_dir`; stop() kills, start() brings it back."""
+
+    def __init__(self, state_dir: str | Path, port: int | None = None, env: dict | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state_dir = Path(state_dir)
+        self.env = {**os.environ, "MLFLOW_STATE_DIR": str(self.state_dir), "MLFLOW_PORT": str(self.port),
+                    "MLFLOW_EXE": str(Path(sys.executable).parent / "mlflow"), **(env or {})}
+        self.proc = None
+        self.log = self.state_dir / "server.log"
+        self.start()
+
+    def start(self, timeout: float = 60) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(["bash", str(REPO / "cluster" / "start_mlflow.sh")], env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"mlflow server did not start on {self.url}: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """Kill the server and its workers (the whole process group), as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(timeout=10)

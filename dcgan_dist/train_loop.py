@@ -205,3 +205,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with torch.no_grad():
                 logger.log_grid(step, eval_generator(g, ema, cfg)(z_grid))
             unwrap(g).train()
+    if logger:
+        logger.close()  # waits (bounded) for metrics held while MLflow was unreachable

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Start the shared MLflow tracking server (foreground; run it under tmux/systemd, or let ray_cluster.yaml do it).
+#
+#   cluster/start_mlflow.sh
+#   MLFLOW_ARTIFACTS_DESTINATION=s3://my-bucket/mlflow cluster/start_mlflow.sh
+#   MLFLOW_AUTH=basic MLFLOW_AUTH_ADMIN_PASSWORD=... MLFLOW_FLASK_SERVER_SECRET_KEY=... cluster/start_mlflow.sh
+#
+# Settings (environment; none of them are secrets except the auth ones, which stay in the environment):
+#   MLFLOW_STATE_DIR              where the sqlite stores and local artifacts live ($HOME/mlflow-server)
+#   MLFLOW_BACKEND_STORE_URI      runs and registry: sqlite:///$MLFLOW_STATE_DIR/mlflow.db by default, or
+#                                 postgresql+psycopg2://user@host:5432/mlflow (password from PGPASSWORD or ~/.pgpass)
+#   MLFLOW_ARTIFACTS_DESTINATION  where artifacts go: $MLFLOW_STATE_DIR/artifacts by default, or s3://bucket/prefix.
+#                                 The server proxies artifacts, so only it needs S3 access (instance profile or
+#                                 the AWS_* variables; AWS_ENDPOINT_URL_S3 for S3-compatible stores).
+#   MLFLOW_HOST / MLFLOW_PORT     bind address (127.0.0.1: reach it through an SSH tunnel) and port (5000)
+#   MLFLOW_AUTH=basic             turn on MLflow's basic-auth app; needs MLFLOW_AUTH_ADMIN_PASSWORD (12+ characters,
+#                                 sets the admin user on first start) and MLFLOW_FLASK_SERVER_SECRET_KEY.
+#                                 Clients then set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+set -euo pipefail
+
+state="${MLFLOW_STATE_DIR:-$HOME/mlflow-server}"
+mkdir -p "$state"
+state="$(cd "$state" && pwd)"
+backend="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$state/mlflow.db}"
+artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-$state/artifacts}"
+host="${MLFLOW_HOST:-127.0.0.1}"
+port="${MLFLOW_PORT:-5000}"
+args=()
+
+case "${MLFLOW_AUTH:-}" in
+  "") ;;
+  basic)
+    if [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -lt 12 ] 2>/dev/null || [ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]; then
+      echo "error: MLFLOW_AUTH=basic needs MLFLOW_AUTH_ADMIN_PASSWORD with 12 or more characters" >&2; exit 2
+    fi
+    if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
+      echo "error: MLFLOW_AUTH=basic needs MLFLOW_FLASK_SERVER_SECRET_KEY (any long random string)" >&2; exit 2
+    fi
+    # The users database sits next to the runs; the admin password comes from the environment, not this file.
+    cat > "$state/basic_auth.ini" <<INI
+[mlflow]
+default_permission = READ
+database_uri = sqlite:///$state/basic_auth.db
+admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+    export MLFLOW_AUTH_CONFIG_PATH="$state/basic_auth.ini"
+    args+=(--app-name basic-auth)
+    ;;
+  *) echo "error: MLFLOW_AUTH must be empty or 'basic', got '${MLFLOW_AUTH}'" >&2; exit 2 ;;
+esac
+
+echo "mlflow server: runs in ${backend%%://*}://..., artifacts in $artifacts, http://$host:$port${MLFLOW_AUTH:+ (basic auth)}" >&2
+exec "${MLFLOW_EXE:-mlflow}" server --backend-store-uri "$backend" --artifacts-destination "$artifacts" \
+  --host "$host" --port "$port" --workers 1 "${args[@]}"

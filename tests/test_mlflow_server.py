@@ -1,0 +1,126 @@
+"""A real `mlflow server` started by cluster/start_mlflow.sh: outages during training, basic auth."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import tiny_overrides
+from dcgan_dist import tracking
+from dcgan_dist.config import load_config
+from dcgan_dist.devtools import MlflowServer
+from dcgan_dist.errors import TrackingError
+
+AUTH = {"MLFLOW_AUTH": "basic", "MLFLOW_AUTH_ADMIN_PASSWORD": "correct-horse-battery", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32}
+
+
+def steps(client, run_id, key="loss_d"):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_metrics_held_during_an_outage_are_delivered_when_the_server_returns(tmp_path, digits_dir, caplog):
+    server = MlflowServer(tmp_path / "server")
+    try:
+        cfg = load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{"tracking.uri": server.url}))
+        run_id, _ = tracking.start_run(cfg, "outage")
+        logger = tracking.RunLogger(server.url, run_id, retry_s=0.5)
+        logger.add(1, {"loss_d": 1.0})
+        logger.flush()
+        server.stop()  # killed like a crashed server
+        with caplog.at_level(logging.WARNING, logger="dcgan_dist"):
+            t0 = time.time()
+            for step in (2, 3):
+                logger.add(step, {"loss_d": float(step)})
+                logger.flush()
+            logger.log_grid(3, __import__("torch").zeros(4, 1, 8, 8))
+            assert time.time() - t0 < 5  # training does not wait for the server
+            time.sleep(2)
+            server.start()
+            assert logger.close() == 0
+        assert "unreachable" in caplog.text and "reachable again" in caplog.text
+        client = MlflowClient(server.url)
+        assert steps(client, run_id) == [1, 2, 3]
+        assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_000003.png"]
+    finally:
+        server.stop()
+
+
+def test_what_cannot_be_delivered_is_bounded_and_reported(tmp_path, digits_dir, caplog):
+    server = MlflowServer(tmp_path / "server")
+    cfg = load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{"tracking.uri": server.url}))
+    run_id, _ = tracking.start_run(cfg, "gone")
+    server.stop()  # and it never comes back
+    logger = tracking.RunLogger(server.url, run_id, max_held=6, retry_s=0.2, close_timeout_s=2)
+    with caplog.at_level(logging.WARNING, logger="dcgan_dist"):
+        for step in range(1, 6):
+            logger.add(step, {"loss_d": 1.0, "loss_g": 2.0})
+            logger.flush()
+        lost = logger.close()
+    assert lost == 10  # every value counted: 4 dropped beyond the bound of 6, 6 held at the end
+    assert "dropped" in caplog.text and "10 metric values" in caplog.text
+
+
+def test_basic_auth_rejects_anonymous_clients_and_accepts_credentials(tmp_path, digits_dir, monkeypatch):
+    server = MlflowServer(tmp_path / "server", env=AUTH)
+    try:
+        cfg = load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{"tracking.uri": server.url}))
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        with pytest.raises(TrackingError, match="cannot reach MLflow .*401|not authenticated"):
+            tracking.start_run(cfg, "anonymous")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", AUTH["MLFLOW_AUTH_ADMIN_PASSWORD"])
+        run_id, _ = tracking.start_run(cfg, "with-credentials")
+        logger = tracking.RunLogger(server.url, run_id)
+        logger.add(1, {"loss_d": 0.5})
+        assert logger.close() == 0
+        assert steps(MlflowClient(server.url), run_id) == [1]
+        params = MlflowClient(server.url).get_run(run_id).data.params
+        assert AUTH["MLFLOW_AUTH_ADMIN_PASSWORD"] not in str(params)
+    finally:
+        server.stop()
+
+
+def test_start_mlflow_refuses_weak_auth_settings(tmp_path):
+    with pytest.raises(RuntimeError, match="12 or more characters"):
+        MlflowServer(tmp_path / "server", env={**AUTH, "MLFLOW_AUTH_ADMIN_PASSWORD": "short"})
+
+
+def test_training_survives_the_tracking_server_dying_mid_run(tmp_path, digits_dir):
+    import ray
+
+    from dcgan_dist.trainer import train
+
+    server = MlflowServer(tmp_path / "server")
+    overrides = tiny_overrides(tmp_path, digits_dir, **{"tracking.uri": server.url, "train.run_name": "bumpy",
+                                                         "train.steps": 16, "train.eval_every": 0})
+    ckpt = tmp_path / "ray_results" / "bumpy" / "checkpoint_00000004"
+    outage = {}
+
+    def kill_then_restart():
+        while not ckpt.exists():
+            time.sleep(0.05)
+        server.stop()
+        outage["killed_at"] = time.time()
+        time.sleep(4)
+        server.start()
+        outage["back_at"] = time.time()
+
+    watcher = threading.Thread(target=kill_then_restart, daemon=True)
+    watcher.start()
+    ray.init(num_cpus=2, log_to_driver=False)
+    try:
+        out = train(load_config(overrides=overrides))
+        watcher.join(timeout=60)
+        assert "back_at" in outage  # the server really went away and came back during the run
+        client = MlflowClient(server.url)
+        assert out.step == 16 and out.model_version == "1"
+        assert steps(client, out.run_id) == [2, 4, 6, 8, 10, 12, 14, 16]  # held, then delivered
+        assert client.get_run(out.run_id).info.status == "FINISHED"
+        assert (tmp_path / "ray_results" / "bumpy" / "checkpoint_00000016" / "state.pt").is_file()
+    finally:
+        ray.shutdown()
+        server.stop()
