@@ -95,6 +95,12 @@ def _log_to_console() -> None:
         pkg.addHandler(handler)
         pkg.setLevel(logging.INFO)
         pkg.propagate = False
+    try:  # Ray Train 2.60 logs every report of every rank, with all metrics, at INFO (a logger named by file)
+        from ray.train.v2._internal.execution import context as ray_context
+
+        logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

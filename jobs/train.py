@@ -20,7 +20,9 @@ def main() -> int:
     print(f"  browse runs:       mlflow ui --backend-store-uri {redact(cfg.tracking.uri)}")
     if out.model_version:
         name = cfg.tracking.model_name
-        print(f"  generator:         models:/{name}/{out.model_version}  (champion: models:/{name}@champion)")
+        scored = f", {cfg.tune.metric} {out.best_scores[cfg.tune.metric]:.2f}" if out.best_scores else ""
+        verdict = "now @champion" if out.champion else "@champion stays on a better version"
+        print(f"  generator:         models:/{name}/{out.model_version} from step {out.best_step}{scored} ({verdict})")
     return 0
 
 
