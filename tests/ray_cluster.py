@@ -22,8 +22,9 @@ BIN = Path(sys.executable).parent
 
 
 class LocalRayCluster:
-    def __init__(self, num_cpus: int = 2, extra_args: tuple[str, ...] = (), env: dict | None = None):
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+    def __init__(self, num_cpus: int = 2, extra_args: tuple[str, ...] = (), env: dict | None = None,
+                 gcs_port: int | None = None):
+        self.gcs_port, self.dashboard_port = gcs_port or free_port(), free_port()
         self.temp_dir = tempfile.mkdtemp(prefix="/tmp/rt")  # short: Ray's socket paths have a length limit
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
         self.proc = subprocess.Popen(
@@ -81,3 +82,16 @@ class LocalRayCluster:
                 except ProcessLookupError:
                     pass
             time.sleep(0.5)
+
+
+def fake_multinode_cluster(config: Path, workdir: Path) -> LocalRayCluster:
+    """cluster/local_cluster.yaml started as its header says: a CPU-less head plus fake worker nodes."""
+    import yaml
+
+    port = free_port()
+    cfg = yaml.safe_load(config.read_text())
+    cfg["provider"]["gcs_address"] = f"127.0.0.1:{port}"  # the file's default is 6379
+    path = workdir / "local_cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return LocalRayCluster(num_cpus=0, extra_args=(f"--autoscaling-config={path}",), env={"RAY_FAKE_CLUSTER": "1"},
+                           gcs_port=port)
