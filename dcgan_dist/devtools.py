@@ -18,6 +18,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float, what: str, log: Path | None = None) -> None:
+    """Poll `url` until it answers; fail early (with the log's tail) if the process exits."""
+    tail = lambda: f": {log.read_text()[-2000:]}" if log else ""  # noqa: E731
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}{tail()}")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not start serving {url} in {timeout:.0f} s{tail()}")
+
+
 class MotoServer:
     """`moto_server` on 127.0.0.1: a real HTTP S3 endpoint whose state lives in memory."""
 
@@ -35,14 +50,7 @@ class MotoServer:
         self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
                                      env={**os.environ, **self.env}, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"moto_server did not start on {self.url}")
+        wait_until_serving(self.proc, f"{self.url}/moto-api/", 30, "moto_server")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -77,16 +85,7 @@ class MlflowServer:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(["bash", str(REPO / "cluster" / "start_mlflow.sh")], env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"mlflow server did not start on {self.url}: {self.log.read_text()[-2000:]}")
+        wait_until_serving(self.proc, f"{self.url}/health", timeout, "mlflow server", self.log)
 
     def stop(self) -> None:
         """Kill the server and its workers (the whole process group), as a crash would."""

@@ -165,6 +165,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         is_last = step == t.steps
         eval_now = bool(evaluator) and (step % t.eval_every == 0 or is_last)
         save_now = step % t.checkpoint_every == 0 or is_last or eval_now
+        sample_now = bool(logger) and ((t.sample_every and step % t.sample_every == 0) or is_last)
+        shown = None  # the eval-mode generator, made once per step for the evaluation and the grid
         if step % t.log_every == 0 or save_now:
             counts = torch.tensor([batches.skipped, batches.retries], dtype=sums.dtype, device=device)
             stats = torch.cat([sums / (window_steps * world), counts])
@@ -176,8 +178,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             scores, result = {}, None
             if eval_now:
                 t0 = time.perf_counter()
-                result = evaluate(evaluator, eval_generator(g, ema, cfg), cfg, rank, world, device)
-                unwrap(g).train()
+                shown = eval_generator(g, ema, cfg)
+                result = evaluate(evaluator, shown, cfg, rank, world, device)
                 scores = result["values"]
                 metrics.update(scores, eval_s=time.perf_counter() - t0)
                 if logger:
@@ -207,9 +209,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             sums.zero_()
             window_steps, window_start = 0, time.perf_counter()
 
-        if logger and ((t.sample_every and step % t.sample_every == 0) or is_last):
+        if sample_now:
+            shown = eval_generator(g, ema, cfg) if shown is None else shown
             with torch.no_grad():
-                logger.log_grid(step, eval_generator(g, ema, cfg)(z_grid))
+                logger.log_grid(step, shown(z_grid))
+        if shown is not None:
             unwrap(g).train()
     if logger:
         logger.close()  # waits (bounded) for metrics held while MLflow was unreachable

@@ -123,12 +123,10 @@ def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
     )
 
 
-def best_checkpoint(result) -> tuple[ray.train.Checkpoint, dict]:
+def best_checkpoint(result) -> ray.train.Checkpoint:
     """The checkpoint with the lowest evaluated score (the metric), else the latest one."""
-    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("score", UNSCORED) < UNSCORED]
-    if scored:
-        return min(scored, key=lambda cm: cm[1]["score"])
-    return result.checkpoint, dict(result.metrics or {})
+    scored = [(c, m["score"]) for c, m in (result.best_checkpoints or []) if m.get("score", UNSCORED) < UNSCORED]
+    return min(scored, key=lambda cs: cs[1])[0] if scored else result.checkpoint
 
 
 def export_generator(state: dict, cfg: Config):
@@ -165,11 +163,10 @@ def train(cfg: Config) -> TrainOutcome:
     if result.checkpoint is None:
         tracking.end_run(cfg, run_id, "FAILED")
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
-    best, _ = best_checkpoint(result)
-    with best.as_directory() as ckpt_dir:
+    with best_checkpoint(result).as_directory() as ckpt_dir:
         state = checkpoint.load(ckpt_dir)
     version, is_champion = register(cfg, run_id, state) if cfg.tracking.register else (None, False)
     tracking.end_run(cfg, run_id)
     return TrainOutcome(run_name, run_id, int((result.metrics or {}).get("step", state["step"])),
                         dict(result.metrics or {}), result.checkpoint.path, version, state["step"],
-                        (state.get("evaluation") or {}).get("values", {}), is_champion)
+                        (state.get("evaluation") or {}).get("values") or {}, is_champion)

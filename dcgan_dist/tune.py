@@ -29,7 +29,7 @@ from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from dcgan_dist import checkpoint, tracking, trainer
-from dcgan_dist.config import Config, from_dict, read_yaml, set_key
+from dcgan_dist.config import Config, from_dict, read_yaml, set_key, validate
 from dcgan_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ DISTRIBUTIONS = {
     "choice": lambda *options: tune.choice(list(options)),
     "grid": lambda *options: tune.grid_search(list(options)),  # every value, in order (random search only)
 }
-
 
 
 @dataclass
@@ -80,11 +79,10 @@ def load_space(path: str) -> Space:
 
 def trial_config(base: dict, params: dict[str, Any]) -> Config:
     """The search's base config with one trial's sampled values applied."""
-    cfg = copy.deepcopy(base)
+    cfg = from_dict(base)
     for key, value in params.items():
-        section, name = key.split(".", 1)
-        cfg[section][name] = value
-    return from_dict(cfg)
+        set_key(cfg, key, value)  # the same typed, named checks as --set
+    return validate(cfg)
 
 
 def _scheduler(cfg: Config, space: Space):
