@@ -23,7 +23,9 @@ BIN = Path(sys.executable).parent
 
 class LocalRayCluster:
     def __init__(self, num_cpus: int = 2, extra_args: tuple[str, ...] = (), env: dict | None = None,
-                 gcs_port: int | None = None):
+                 gcs_port: int | None = None, ready_headers: dict | None = None):
+        self.bin = BIN
+        self.ready_headers = ready_headers or {}
         self.gcs_port, self.dashboard_port = gcs_port or free_port(), free_port()
         self.temp_dir = tempfile.mkdtemp(prefix="/tmp/rt")  # short: Ray's socket paths have a length limit
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
@@ -44,7 +46,8 @@ class LocalRayCluster:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited early:\n{self.proc.stdout.read()}")
             try:
-                with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2) as r:
+                request = urllib.request.Request(f"{self.dashboard}/api/version", headers=self.ready_headers)
+                with urllib.request.urlopen(request, timeout=2) as r:
                     json.load(r)
                     return
             except OSError:

@@ -41,3 +41,31 @@ def test_ray_job_submit_trains_and_logs(cluster, tmp_path, digits_dir):
     status = subprocess.run([str(cluster.env["PATH"].split(":")[0] + "/ray"), "job", "list",
                              f"--address={cluster.dashboard}"], env=cluster.env, capture_output=True, text=True)
     assert "SUCCEEDED" in status.stdout
+
+
+def test_token_auth_rejects_a_submit_without_the_token_and_accepts_it_with(tmp_path):
+    """Real clusters keep Ray's token auth on (README: `RAY_AUTH_TOKEN=$(ray get-auth-token)`)."""
+    import secrets
+
+    token = secrets.token_hex(32)
+    home = tmp_path / "home"  # no ~/.ray/auth_token of the user's is read or written
+    home.mkdir()
+    c = LocalRayCluster(num_cpus=1, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(home)},
+                        ready_headers={"Authorization": f"Bearer {token}"})
+    try:
+        entry = ["python", "-c", "import ray; ray.init(address='auto'); print('cpus', ray.cluster_resources()['CPU'])"]
+        client = {k: v for k, v in c.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+        cmd = [str(c.bin / "ray"), "job", "submit", f"--address={c.dashboard}", "--", *entry]
+        no_token, wrong_token = {**client, "RAY_AUTH_MODE": "token"}, {**client, "RAY_AUTH_MODE": "token",
+                                                                        "RAY_AUTH_TOKEN": "0" * 64}
+        for env in (client, no_token, wrong_token):
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            assert r.returncode != 0, r.stdout[-2000:]
+            assert "auth" in (r.stdout + r.stderr).lower(), (r.stdout + r.stderr)[-2000:]
+        r = subprocess.run(cmd, env={**client, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        assert "cpus 1.0" in r.stdout
+    finally:
+        c.stop()
+    assert not c.leftovers()
