@@ -17,7 +17,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from dcgan_dist import champion, checkpoint, evaluation, tracking
+from dcgan_dist import champion, checkpoint, evaluation, networks, tracking
 from dcgan_dist.config import Config, DataConfig
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import resolve_shards
@@ -141,8 +141,10 @@ def export_generator(state: dict, cfg: Config):
 def register(cfg: Config, run_id: str, state: dict) -> tuple[str, bool]:
     """Register the checkpoint's generator with its scores; the champion alias moves only if it is better."""
     scored = state.get("evaluation") or {}
-    version = tracking.log_generator(cfg, run_id, export_generator(state, cfg), state["step"],
-                                     scored.get("values"), scored.get("protocols"))
+    g = export_generator(state, cfg)
+    version = tracking.log_generator(cfg, run_id, g, state["step"], scored.get("values"), scored.get("protocols"))
+    networks.log_networks(cfg.tracking.uri, run_id, cfg.tracking.model_name, version, g.state_dict(), state,
+                          cfg.model, tracking.redact(cfg.data.url))
     return version, champion.promote_if_better(cfg, version, evaluation.measurer(cfg))
 
 

@@ -50,3 +50,36 @@ def tiny_overrides(tmp: Path, digits: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory, digits_dir):
+    """A small DCGAN trained on the digits for a few hundred steps in-process, registered as a real
+    model version in a sqlite MLflow store: what the experiments run on. Returns (tracking uri, model uri)."""
+    import torch
+
+    from dcgan_dist import checkpoint, tracking
+    from dcgan_dist.config import load_config
+    from dcgan_dist.data.loader import make_batches, resolve_shards, to_model_input
+    from dcgan_dist.models import build_discriminator, build_generator
+    from dcgan_dist.step import GANStep, make_optimizers
+    from dcgan_dist.trainer import prepare_inputs, register
+
+    tmp = tmp_path_factory.mktemp("digits-model")
+    steps = 300
+    cfg = prepare_inputs(load_config(overrides=tiny_overrides(tmp, digits_dir, **{
+        "model.ngf": 16, "model.ndf": 16, "train.batch_size": 64, "train.steps": steps,
+        "train.run_name": "digits-small"})))
+    torch.manual_seed(0)
+    g, d = build_generator(cfg.model, cfg.model.nc), build_discriminator(cfg.model, cfg.model.nc)
+    opt_g, opt_d = make_optimizers(g, d, cfg.train)
+    step = GANStep(g, d, opt_g, opt_d, cfg.model.nz)
+    batches = make_batches(resolve_shards(cfg.data.url), channels=cfg.model.nc, resolution=32, batch_size=64,
+                           seed=0, shuffle_buffer=500)
+    for _, images in zip(range(steps), batches):
+        step(to_model_input(images, "cpu"))
+    run_id, _ = tracking.start_run(cfg, "digits-small")
+    state = checkpoint.training_state(g, d, opt_g, opt_d, steps, [checkpoint.rng_state()], {})
+    version, _ = register(cfg, run_id, state)
+    tracking.end_run(cfg, run_id)
+    return cfg.tracking.uri, f"models:/{cfg.tracking.model_name}/{version}"

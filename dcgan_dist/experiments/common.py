@@ -1,0 +1,128 @@
+"""What every experiment shares: seeded latents, labeled real images, and its output folder + MLflow run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures go to files
+import torch  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+
+from dcgan_dist import tracking  # noqa: E402
+from dcgan_dist.config import Config  # noqa: E402
+from dcgan_dist.data.loader import decode_sample, iter_tar, open_shard, resolve_shards  # noqa: E402
+from dcgan_dist.errors import ConfigError, DataError  # noqa: E402
+from dcgan_dist.networks import Networks  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def seeded_z(n: int, nz: int, seed: int) -> torch.Tensor:
+    """n latent vectors ~ N(0, I), the same for the same seed on every machine."""
+    return torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(g: torch.nn.Module, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """G(z) in [-1, 1], in batches, G in eval mode (batch norm uses its running statistics)."""
+    return torch.cat([g(z[i:i + batch]) for i in range(0, len(z), batch)])
+
+
+def parse_indices(text: str, what: str, limit: int | None = None) -> list[int]:
+    """'3,7,12' -> [3, 7, 12]; a bad entry or one out of range is a ConfigError naming `what`."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{what}: no indices given")
+    bad = [v for v in values if v < 0 or (limit is not None and v >= limit)]
+    if bad:
+        raise ConfigError(f"{what}: index {bad[0]} out of range 0..{limit - 1 if limit else 'inf'}")
+    return values
+
+
+def read_labeled(url: str, n: int, *, channels: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to n real images (uint8 N x C x R x R) with their class labels (`cls`), in shard order.
+
+    Shards built from labeled sources (digits, cifar10, a folder of class subfolders) carry `cls`.
+    """
+    shards = resolve_shards(url)
+    images, labels = [], []
+    for shard in shards.urls:
+        try:
+            with open_shard(shard) as f:
+                for key, sample in iter_tar(f):
+                    if "cls" not in sample:
+                        raise DataError(f"{url}: sample {key} in {shard} has no class label (cls); "
+                                        "build the shards from a labeled source")
+                    images.append(decode_sample(sample, channels, resolution))
+                    labels.append(int(sample["cls"]))
+                    if len(images) == n:
+                        return torch.stack(images), torch.tensor(labels)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            log.warning("data: shard %s unreadable: %s", shard, e)
+    if not images:
+        raise DataError(f"{url}: no readable labeled images")
+    return torch.stack(images), torch.tensor(labels)
+
+
+class ExperimentRun:
+    """An experiment's outputs: files in `folder`, mirrored to an MLflow run tagged with the model version."""
+
+    def __init__(self, cfg: Config, nets: Networks, name: str, folder: str | Path, params: dict):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.uri = cfg.tracking.uri
+        self.client = MlflowClient(self.uri)
+        run = self.client.create_run(tracking.experiment_id(cfg), run_name=f"{name}-{nets.name}-v{nets.version}",
+                                     tags={"dcgan.experiment": name, "dcgan.evaluates": nets.uri,
+                                           "dcgan.model_step": str(nets.step)})
+        self.run_id = run.info.run_id
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+
+    def _log(self, path: Path) -> Path:
+        self.client.log_artifact(self.run_id, str(path))
+        return path
+
+    def images(self, filename: str, images: torch.Tensor, nrow: int, padding: int = 2) -> Path:
+        """A grid of images in [-1, 1], row-major, `nrow` per row."""
+        path = self.folder / filename
+        save_image(images.float().clamp(-1, 1), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=padding)
+        return self._log(path)
+
+    def figure(self, filename: str, fig) -> Path:
+        import matplotlib.pyplot as plt
+
+        path = self.folder / filename
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return self._log(path)
+
+    def file(self, filename: str, data: bytes | str) -> Path:
+        path = self.folder / filename
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return self._log(path)
+
+    def json(self, filename: str, obj) -> Path:
+        return self.file(filename, json.dumps(obj, indent=2, sort_keys=True))
+
+    def metrics(self, values: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+
+    def finish(self, summary: str) -> str:
+        self.file("summary.txt", summary.rstrip() + "\n")
+        self.client.set_terminated(self.run_id)
+        return summary
+
+    def fail(self) -> None:
+        self.client.set_terminated(self.run_id, "FAILED")
