@@ -75,6 +75,28 @@ def read_labeled(url: str, n: int, *, channels: int, resolution: int) -> tuple[t
     return torch.stack(images), torch.tensor(labels)
 
 
+def numbered_grid(images: torch.Tensor, nrow: int, scale: int = 2, boxes: dict[int, list] | None = None):
+    """A PIL grid of images in [-1, 1], each tile labeled with its index (and `boxes` {index: [[x0,y0,x1,y1]]}
+    drawn in image pixels): the sheet users pick samples from by number."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, w = images.shape
+    tiles = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    pad, label = 2, 10
+    cols, rows = nrow, -(-n // nrow)
+    sheet = Image.new("RGB", (cols * (w * scale + pad), rows * (h * scale + pad + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        tile = Image.fromarray(tiles[i].permute(1, 2, 0).squeeze(-1).numpy()).convert("RGB")
+        x, y = (i % cols) * (w * scale + pad), (i // cols) * (h * scale + pad + label)
+        sheet.paste(tile.resize((w * scale, h * scale), Image.NEAREST), (x, y + label))
+        draw.text((x + 1, y - 1), str(i), fill="black")
+        for x0, y0, x1, y1 in (boxes or {}).get(i, []):
+            draw.rectangle([x + x0 * scale, y + label + y0 * scale, x + x1 * scale - 1, y + label + y1 * scale - 1],
+                           outline="red")
+    return sheet
+
+
 class ExperimentRun:
     """An experiment's outputs: files in `folder`, mirrored to an MLflow run tagged with the model version."""
 
@@ -97,6 +119,15 @@ class ExperimentRun:
         """A grid of images in [-1, 1], row-major, `nrow` per row."""
         path = self.folder / filename
         save_image(images.float().clamp(-1, 1), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=padding)
+        return self._log(path)
+
+    def picture(self, filename: str, image) -> Path:
+        """A PIL image (e.g. a `numbered_grid`) or a list of them (an animated GIF, 80 ms a frame)."""
+        path = self.folder / filename
+        if isinstance(image, list):
+            image[0].save(path, save_all=True, append_images=image[1:], duration=80, loop=0)
+        else:
+            image.save(path)
         return self._log(path)
 
     def figure(self, filename: str, fig) -> Path:
