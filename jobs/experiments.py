@@ -32,9 +32,12 @@ def main() -> int:
                        help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the champion)")
         p.add_argument("--out", help="output folder (default outputs/experiments/NAME-vVERSION)")
         p.add_argument("--seed", type=int, default=0, help="seed for every random draw (same seed, same figures)")
+        p.add_argument("--set", dest="more_overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config key, e.g. --set tracking.uri=http://127.0.0.1:5000 (repeatable)")
         module.add_arguments(p)
         modules[module.NAME] = module
     args = parser.parse_args()
+    args.overrides += args.more_overrides  # --set is accepted before and after NAME
     cfg = parse_config(args)
     from dcgan_dist.experiments.common import ExperimentRun
     from dcgan_dist.networks import load_networks
@@ -44,7 +47,8 @@ def main() -> int:
     nets = load_networks(cfg.tracking.uri, args.model)
     module = modules[args.experiment]
     folder = args.out or f"outputs/experiments/{module.NAME}-v{nets.version}"
-    params = {k: v for k, v in vars(args).items() if k not in ("overrides", "help_config", "config") and v is not None}
+    params = {k: v for k, v in vars(args).items() if k not in ("overrides", "more_overrides", "help_config", "config")
+              and v is not None}
     out = ExperimentRun(cfg, nets, module.NAME, folder, {**params, "model_version": nets.uri})
     try:
         summary = module.run(args, nets, out)
