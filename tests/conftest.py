@@ -83,3 +83,28 @@ def digits_model(tmp_path_factory, digits_dir):
     version, _ = register(cfg, run_id, state)
     tracking.end_run(cfg, run_id)
     return cfg.tracking.uri, f"models:/{cfg.tracking.model_name}/{version}"
+
+
+def run_experiment(tracking_uri: str, model_uri: str, module, folder, **kwargs):
+    """One experiment module in-process, as jobs/experiments.py runs it; returns (summary, ExperimentRun)."""
+    from argparse import Namespace
+
+    from dcgan_dist.config import load_config
+    from dcgan_dist.experiments.common import ExperimentRun
+    from dcgan_dist.networks import load_networks
+
+    cfg = load_config(overrides=[f"tracking.uri={tracking_uri}"])
+    nets = load_networks(tracking_uri, model_uri)
+    args = Namespace(seed=kwargs.pop("seed", 0), **kwargs)
+    out = ExperimentRun(cfg, nets, module.NAME, folder, vars(args))
+    return module.run(args, nets, out), out
+
+
+def experiments_job(tracking_uri: str, *argv: str):
+    """`python jobs/experiments.py ARGV --set tracking.uri=...` as a user runs it; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "jobs/experiments.py", *argv, "--set", f"tracking.uri={tracking_uri}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})

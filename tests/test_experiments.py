@@ -4,36 +4,16 @@ arithmetic, how a model version's networks are found, and clear errors for bad a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from argparse import Namespace
 
 import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import REPO
-from dcgan_dist.config import load_config
+from conftest import experiments_job, run_experiment
 from dcgan_dist.errors import ConfigError, TrackingError
 from dcgan_dist.experiments import latent_walk, vector_arithmetic
-from dcgan_dist.experiments.common import ExperimentRun
 from dcgan_dist.networks import load_networks
-
-
-def experiment(tracking_uri, model_uri, module, folder, **kwargs):
-    cfg = load_config(overrides=[f"tracking.uri={tracking_uri}"])
-    nets = load_networks(tracking_uri, model_uri)
-    args = Namespace(seed=0, **kwargs)
-    out = ExperimentRun(cfg, nets, module.NAME, folder, vars(args))
-    return module.run(args, nets, out), out
-
-
-def run_job(tracking_uri, *argv):
-    return subprocess.run([sys.executable, "jobs/experiments.py", *argv, "--set", f"tracking.uri={tracking_uri}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
 
 
 def test_registered_version_holds_both_trained_networks(digits_model):
@@ -59,7 +39,7 @@ def test_registered_version_holds_both_trained_networks(digits_model):
 def test_latent_walk_is_smooth_deterministic_and_logged(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
     params = dict(paths=4, steps=8, gif_keyframes=3, gif_frames=4)
-    summary, out = experiment(tracking_uri, model_uri, latent_walk, tmp_path / "a", **params)
+    summary, out = run_experiment(tracking_uri, model_uri, latent_walk, tmp_path / "a", **params)
     grid = Image.open(tmp_path / "a" / "walk_slerp.png")
     assert grid.size == (8 * 34 + 2, 4 * 34 + 2)  # 8 steps x 4 paths of 32 px tiles, 2 px padding
     gif = Image.open(tmp_path / "a" / "walk.gif")
@@ -71,7 +51,7 @@ def test_latent_walk_is_smooth_deterministic_and_logged(digits_model, tmp_path):
     assert 1.0 <= ratio < 3.0, ratio  # small steps, no jumps, on a trained G
     logged = {f.path for f in MlflowClient(tracking_uri).list_artifacts(out.run_id)}
     assert {"walk_linear.png", "walk_slerp.png", "walk.gif", "smoothness.png", "summary.txt"} <= logged
-    again, _ = experiment(tracking_uri, model_uri, latent_walk, tmp_path / "b", **params)
+    again, _ = run_experiment(tracking_uri, model_uri, latent_walk, tmp_path / "b", **params)
     assert again == summary
     assert (tmp_path / "a" / "walk_slerp.png").read_bytes() == (tmp_path / "b" / "walk_slerp.png").read_bytes()
 
@@ -96,9 +76,9 @@ def test_slerp_keeps_the_norm_between_orthogonal_endpoints():
 def test_vector_arithmetic_sheet_then_sum(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
     base = dict(num=16, a=None, b=None, c=None, neighbours=4, scale=0.25)
-    summary, _ = experiment(tracking_uri, model_uri, vector_arithmetic, tmp_path / "sheet", **base)
+    summary, _ = run_experiment(tracking_uri, model_uri, vector_arithmetic, tmp_path / "sheet", **base)
     assert "pick indices" in summary and (tmp_path / "sheet" / "sheet.png").exists()
-    summary, out = experiment(tracking_uri, model_uri, vector_arithmetic, tmp_path / "sum",
+    summary, out = run_experiment(tracking_uri, model_uri, vector_arithmetic, tmp_path / "sum",
                               **{**base, "a": "0,1,2", "b": "3,4", "c": "5"})
     inputs = json.loads((tmp_path / "sum" / "inputs.json").read_text())
     z = torch.randn(16, 100, generator=torch.Generator().manual_seed(0))
@@ -111,7 +91,7 @@ def test_vector_arithmetic_sheet_then_sum(digits_model, tmp_path):
 
 def test_job_runs_an_experiment_and_reports(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
-    r = run_job(tracking_uri, "latent-walk", "--model", model_uri, "--out", str(tmp_path / "w"), "--paths", "2",
+    r = experiments_job(tracking_uri, "latent-walk", "--model", model_uri, "--out", str(tmp_path / "w"), "--paths", "2",
                 "--gif-keyframes", "2", "--gif-frames", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "latent-walk on models:/dcgan-generator/" in r.stdout and "max/mean per path" in r.stdout
@@ -120,15 +100,15 @@ def test_job_runs_an_experiment_and_reports(digits_model, tmp_path):
 
 def test_bad_arguments_give_one_line_errors(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
-    r = run_job(tracking_uri, "latent-walk", "--model", "models:/no-such-model/1", "--out", str(tmp_path / "x"))
+    r = experiments_job(tracking_uri, "latent-walk", "--model", "models:/no-such-model/1", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "error: models:/no-such-model/1: no such registered model version" in r.stderr
     assert "Traceback" not in r.stderr
-    r = run_job(tracking_uri, "vector-arithmetic", "--model", model_uri, "--num", "8", "--a", "1,9", "--b", "2",
+    r = experiments_job(tracking_uri, "vector-arithmetic", "--model", model_uri, "--num", "8", "--a", "1,9", "--b", "2",
                 "--c", "3", "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and "error: --a: index 9 out of range 0..7" in r.stderr, r.stderr[-2000:]
-    r = run_job(tracking_uri, "vector-arithmetic", "--model", model_uri, "--a", "1,x", "--b", "2", "--c", "3")
+    r = experiments_job(tracking_uri, "vector-arithmetic", "--model", model_uri, "--a", "1,x", "--b", "2", "--c", "3")
     assert r.returncode == 2 and "error: --a: expected comma-separated integers" in r.stderr
-    r = run_job(tracking_uri, "latent-walk", "--model", "dcgan-generator", "--out", str(tmp_path / "z"))
+    r = experiments_job(tracking_uri, "latent-walk", "--model", "dcgan-generator", "--out", str(tmp_path / "z"))
     assert r.returncode == 2 and "expected models:/NAME@ALIAS or models:/NAME/VERSION" in r.stderr
     # The failed runs are marked FAILED, not left RUNNING.
     client = MlflowClient(tracking_uri)

@@ -4,10 +4,7 @@ on the registered digits model in a real sqlite MLflow store."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from argparse import Namespace
 
 import numpy as np
@@ -16,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import REPO
+from conftest import experiments_job
 from dcgan_dist.config import load_config
 from dcgan_dist.data.loader import to_model_input
 from dcgan_dist.errors import ConfigError
@@ -40,10 +37,7 @@ def svm_table(nets, images, labels, seed, **kw):
 
 
 def job(tracking_uri, model_uri, folder, *args):
-    return subprocess.run([sys.executable, "jobs/experiments.py", "feature-svm", "--model", model_uri, "--set",
-                           f"tracking.uri={tracking_uri}", "--out", str(folder), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    return experiments_job(tracking_uri, "feature-svm", "--model", model_uri, "--out", str(folder), *args)
 
 
 def test_trained_d_features_beat_random_d_and_pixels(digits):

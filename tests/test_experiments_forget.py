@@ -4,11 +4,7 @@ on the registered digits model in a real sqlite MLflow store."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from argparse import Namespace
 
 import pytest
 import torch
@@ -16,21 +12,12 @@ from mlflow import MlflowClient
 from PIL import Image
 from torch import nn
 
-from conftest import REPO
-from dcgan_dist.config import load_config
+from conftest import experiments_job, run_experiment
 from dcgan_dist.data.loader import read_sample, resolve_shards, to_model_input
 from dcgan_dist.errors import ConfigError
 from dcgan_dist.experiments import forget, guided_backprop, label_boxes
-from dcgan_dist.experiments.common import ExperimentRun, generate, seeded_z
+from dcgan_dist.experiments.common import generate, seeded_z
 from dcgan_dist.networks import load_networks
-
-
-def experiment(tracking_uri, model_uri, module, folder, **kwargs):
-    cfg = load_config(overrides=[f"tracking.uri={tracking_uri}"])
-    nets = load_networks(tracking_uri, model_uri)
-    args = Namespace(seed=0, **kwargs)
-    out = ExperimentRun(cfg, nets, module.NAME, folder, vars(args))
-    return module.run(args, nets, out), out
 
 
 def metrics(tracking_uri, out):
@@ -67,7 +54,7 @@ def test_guided_relu_passes_only_positive_gradient_through_positive_inputs():
 
 def test_guided_backprop_figure_shapes_and_determinism(digits_model, digits_dir, tmp_path):
     tracking_uri, model_uri = digits_model
-    summary, out = experiment(tracking_uri, model_uri, guided_backprop, tmp_path, layer=None, features=None,
+    summary, out = run_experiment(tracking_uri, model_uri, guided_backprop, tmp_path, layer=None, features=None,
                               num_features=3, top=4, data=str(digits_dir), max_images=128)
     assert (tmp_path / "guided_backprop.png").exists() and "conv layer 2 (64 features) on 128 images" in summary
     assert 0 < metrics(tracking_uri, out)["trained_concentration"] <= 1
@@ -93,7 +80,7 @@ def test_forget_changes_pixels_mostly_inside_the_boxes(digits_model, tmp_path):
     nets = load_networks(tracking_uri, model_uri)
     data = stroke_boxes(nets, seed=0, num=32, labeled=12)
     (tmp_path / "boxes.json").write_text(json.dumps(data))
-    summary, out = experiment(tracking_uri, model_uri, forget, tmp_path / "out", boxes=str(tmp_path / "boxes.json"),
+    summary, out = run_experiment(tracking_uri, model_uri, forget, tmp_path / "out", boxes=str(tmp_path / "boxes.json"),
                               threshold=0.0, C=1.0, extra=4)
     m = metrics(tracking_uri, out)
     assert 1 <= m["maps_dropped"] < m["maps_total"] == 16
@@ -114,21 +101,22 @@ def test_forget_changes_pixels_mostly_inside_the_boxes(digits_model, tmp_path):
 def test_label_boxes_writes_the_file_forget_reads(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
     file = tmp_path / "labels" / "boxes.json"
-    summary, _ = experiment(tracking_uri, model_uri, label_boxes, tmp_path / "sheet", num=16, box=[], write=None)
+    summary, _ = run_experiment(tracking_uri, model_uri, label_boxes, tmp_path / "sheet", num=16, box=[], write=None)
     assert "box what to forget" in summary and (tmp_path / "sheet" / "sheet.png").exists()
     boxes = ["3:2,4,20,28", "3:0,0,4,4", "5:8,8,24,24"]
-    summary, _ = experiment(tracking_uri, model_uri, label_boxes, tmp_path / "lb", num=16, box=boxes, write=str(file))
+    summary, _ = run_experiment(tracking_uri, model_uri, label_boxes, tmp_path / "lb", num=16, box=boxes,
+                                write=str(file))
     assert "3 box(es) on 2 sample(s)" in summary and (tmp_path / "lb" / "boxes.png").exists()
     assert json.loads(file.read_text()) == {"seed": 0, "num": 16, "boxes": {"3": [[2, 4, 20, 28], [0, 0, 4, 4]],
                                                                               "5": [[8, 8, 24, 24]]}}
     assert forget.read_boxes(str(file), 32) == (0, 16, {3: [[2, 4, 20, 28], [0, 0, 4, 4]], 5: [[8, 8, 24, 24]]})
-    summary, _ = experiment(tracking_uri, model_uri, forget, tmp_path / "f", boxes=str(file), threshold=0.0, C=1.0,
+    summary, _ = run_experiment(tracking_uri, model_uri, forget, tmp_path / "f", boxes=str(file), threshold=0.0, C=1.0,
                             extra=2)
     assert "learned from 2 labeled sample(s)" in summary
     for bad, message in [("16:0,0,4,4", "sample index 16 out of range 0..15"), ("3:2,4,40,28", "0 <= x0 < x1 <= 32"),
                          ("3:4,0,2,4", "0 <= x0 < x1"), ("3-1,2", "expected IDX:x0,y0,x1,y1")]:
         with pytest.raises(ConfigError, match=f"{re.escape(f'--box {bad}:')}.*{re.escape(message)}"):
-            experiment(tracking_uri, model_uri, label_boxes, tmp_path / "bad", num=16, box=[bad], write=None)
+            run_experiment(tracking_uri, model_uri, label_boxes, tmp_path / "bad", num=16, box=[bad], write=None)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -156,7 +144,7 @@ def test_forget_needs_positives_and_negatives(digits_model, tmp_path):
     for boxes, message in [({}, "no positives"), ({"0": [[0, 0, 32, 32]]}, "no negatives")]:
         (tmp_path / "b.json").write_text(json.dumps({"seed": 0, "num": 4, "boxes": boxes}))
         with pytest.raises(ConfigError, match=message):
-            experiment(tracking_uri, model_uri, forget, tmp_path / "out", boxes=str(tmp_path / "b.json"),
+            run_experiment(tracking_uri, model_uri, forget, tmp_path / "out", boxes=str(tmp_path / "b.json"),
                        threshold=0.0, C=1.0, extra=0)
 
 
@@ -167,10 +155,8 @@ def test_forget_job_reports_and_names_a_bad_file(digits_model, tmp_path):
     bad.write_text('{"seed": 0, "num": 4, "boxes": {"9": [[0, 0, 4, 4]]}}')
 
     def job(boxes, folder):
-        return subprocess.run([sys.executable, "jobs/experiments.py", "forget", "--model", model_uri, "--set",
-                               f"tracking.uri={tracking_uri}", "--boxes", str(boxes), "--out", str(folder)],
-                              cwd=REPO, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        return experiments_job(tracking_uri, "forget", "--model", model_uri, "--boxes", str(boxes),
+                               "--out", str(folder))
 
     r = job(good, tmp_path / "out")
     assert r.returncode == 0, r.stderr[-3000:]
