@@ -26,15 +26,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _make(kind: str, resolution: int, preset: str, nc: int, device: torch.device):
-    """The canonical step as pytorch/examples runs it, or ours with the training defaults (layout included)."""
-    cfg = load_config(overrides=[f"model.resolution={resolution}", f"model.preset={preset}"])
+def _make(kind: str, resolution: int, preset: str, nc: int, device: torch.device, overrides=()):
+    """The canonical step as pytorch/examples runs it (fp32, plain Adam, NCHW), or ours with the training
+    defaults plus `overrides` (e.g. train.precision=bf16)."""
+    cfg = load_config(overrides=[f"model.resolution={resolution}", f"model.preset={preset}", *overrides])
     torch.manual_seed(0)
     g, d = build_generator(cfg.model, nc).to(device), build_discriminator(cfg.model, nc).to(device)
     if kind == "canonical":
+        cfg.train.fused_adam = False
         return CanonicalStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz), False
     g, d = to_layout(cfg.train.channels_last, g, d)
-    return GANStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz), cfg.train.channels_last
+    return GANStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz, cfg.train.precision), cfg.train.channels_last
 
 
 def _time(step: Callable, real: torch.Tensor, steps: int) -> float:
@@ -47,28 +49,33 @@ def _time(step: Callable, real: torch.Tensor, steps: int) -> float:
 
 
 def bench_step(resolutions=(32, 64), batches=(64, 128), preset="examples", nc=3, steps=10, warmup=2,
-               repeats=3, device: str | None = None) -> list[dict]:
-    """Canonical pytorch/examples step vs ours, same process, same shapes; repeats interleaved, best kept."""
+               repeats=3, device: str | None = None, variants: dict[str, list[str]] | None = None) -> list[dict]:
+    """Canonical pytorch/examples step vs ours (and `variants` of ours: {name: config overrides}), same
+    process, same shapes; repeats interleaved, best kept; every row of ours has its ratio to canonical."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kinds = {"canonical": [], "ours": [], **(variants or {})}
     rows = []
     for res in resolutions:
         for batch in batches:
             real = torch.rand(batch, nc, res, res, device=dev) * 2 - 1
-            steppers = {k: _make(k, res, preset, nc, dev) for k in ("canonical", "ours")}
+            steppers = {k: _make("canonical" if k == "canonical" else "ours", res, preset, nc, dev, o)
+                        for k, o in kinds.items()}
             inputs = {k: to_layout(cl, real)[0] for k, (_, cl) in steppers.items()}
             for k, (s, _) in steppers.items():
                 _time(s, inputs[k], warmup)
             best = {k: float("inf") for k in steppers}
-            for _ in range(repeats):  # interleave so drift in machine load hits both alike
+            for _ in range(repeats):  # interleave so drift in machine load hits all alike
                 for k, (s, _) in steppers.items():
                     best[k] = min(best[k], _time(s, inputs[k], steps))
             for k in steppers:
                 ips = batch * steps / best[k]
-                rows.append({"name": k, "resolution": res, "batch": batch, "preset": preset, "device": str(dev),
-                             "channels_last": steppers[k][1],
-                             "threads": torch.get_num_threads(), "images_per_s": round(ips, 1),
-                             "tflops": round(ips * step_gflops(res, preset) / 1e3, 4)})
-            rows[-1]["ratio_vs_canonical"] = round(rows[-1]["images_per_s"] / rows[-2]["images_per_s"], 3)
+                row = {"name": k, "resolution": res, "batch": batch, "preset": preset, "device": str(dev),
+                       "channels_last": steppers[k][1], "options": " ".join(kinds[k]),
+                       "threads": torch.get_num_threads(), "images_per_s": round(ips, 1),
+                       "tflops": round(ips * step_gflops(res, preset) / 1e3, 4)}
+                if k != "canonical":
+                    row["ratio_vs_canonical"] = round(ips / (batch * steps / best["canonical"]), 3)
+                rows.append(row)
     return rows
 
 
@@ -111,7 +118,7 @@ def bench_data(images: int = 2000, resolution: int = 64, encodings=("jpg", "raw"
     boto3.client("s3").create_bucket(Bucket="bench")
     rows = []
     try:
-        step_ips = bench_step((resolution,), (64,), steps=5, repeats=2, device="cpu")[-1]["images_per_s"]
+        step_ips = bench_step((resolution,), (64,), steps=5, repeats=2, device="cpu")[1]["images_per_s"]
         for enc in encodings:
             out = os.path.join(work, f"shards-{enc}")
             t0 = time.perf_counter()

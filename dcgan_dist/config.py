@@ -22,6 +22,7 @@ PRESETS = {
     "paper": {"ngf": 128, "ndf": 128, "kernel": 5},
 }
 RESOLUTIONS = (32, 64, 128)
+PRECISIONS = ("fp32", "bf16", "fp16")
 METRIC_NAMES = ("swd", "fid", "kid")  # all lower-is-better; computed by dcgan_dist.metrics.registry
 
 
@@ -63,6 +64,8 @@ class TrainConfig:
     run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "")
     sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics", False)
     channels_last: bool = doc("NHWC memory layout for G, D and batches (1.3x faster convolutions on CPU)", True)
+    precision: str = doc("fp32, bf16 (autocast) or fp16 (autocast + grad scaler); weights and Adam stay fp32", "fp32")
+    fused_adam: bool = doc("Adam's fused kernel (one kernel for all parameters instead of a loop)", False)
     eval_every: int = doc("steps between quality evaluations, each also a checkpoint (0 = never)", 100)
     ema_decay: float = doc("generator weight EMA decay, evaluated and exported when on (0 = off; 0.999 typical)", 0.0)
     fail_at_step: int = doc("testing aid: raise once at this step in the first attempt (0 = never)", 0)
@@ -77,6 +80,8 @@ class RayConfig:
     storage_path: str = doc("where checkpoints go: a local folder or s3://bucket/prefix", "ray_results")
     max_failures: int = doc("worker-group restarts allowed before the run fails (-1 = unlimited)", 2)
     keep_checkpoints: int = doc("checkpoints kept per run (oldest deleted first)", 3)
+    ddp_bucket_mb: int = doc("DDP gradient bucket size in MB (smaller buckets overlap allreduce with backward earlier)", 25)
+    grad_compression: str = doc("DDP communication hook: none, bf16 or fp16 (gradients sent at half width)", "none")
 
 
 @dataclass
@@ -278,7 +283,11 @@ def validate(cfg: Config) -> Config:
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _check(t.fail_at_step >= 0, "train.fail_at_step", f"must be >= 0, got {t.fail_at_step}")
     _check("/" not in t.run_name, "train.run_name", f"must not contain '/', got {t.run_name!r}")
+    _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(r.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {r.num_workers}")
+    _check(r.ddp_bucket_mb >= 1, "ray.ddp_bucket_mb", f"must be >= 1, got {r.ddp_bucket_mb}")
+    _check(r.grad_compression in ("none", "bf16", "fp16"), "ray.grad_compression",
+           f"must be none, bf16 or fp16, got {r.grad_compression!r}")
     _check(r.cpus_per_worker > 0, "ray.cpus_per_worker", f"must be positive, got {r.cpus_per_worker}")
     _check(r.max_failures >= -1, "ray.max_failures", f"must be >= -1, got {r.max_failures}")
     _check(r.keep_checkpoints >= 1, "ray.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")

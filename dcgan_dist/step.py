@@ -34,8 +34,9 @@ def to_layout(channels_last: bool, *items):
 
 def make_optimizers(g: nn.Module, d: nn.Module, t: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """Adam for each network, with its own learning rate (the paper: 2e-4, beta1 0.5)."""
-    opt_g = torch.optim.Adam(g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2))
-    opt_d = torch.optim.Adam(d.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2))
+    fused = {"fused": True} if t.fused_adam else {}
+    opt_g = torch.optim.Adam(g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2), **fused)
+    opt_d = torch.optim.Adam(d.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2), **fused)
     return opt_g, opt_d
 
 
@@ -54,21 +55,38 @@ class GANStep:
     """Call with a batch of real images in [-1, 1]; returns detached scalar metrics.
 
     `g` and `d` may be DDP-wrapped; noise comes from the global torch RNG so a checkpoint
-    of the RNG state makes the next step reproducible.
+    of the RNG state makes the next step reproducible. `precision` bf16/fp16 runs the forward
+    passes under autocast (losses in fp32); fp16 also scales the losses so small gradients survive,
+    one scaler for both networks, updated once per step.
     """
 
-    def __init__(self, g: nn.Module, d: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, nz: int):
+    def __init__(self, g: nn.Module, d: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                 nz: int, precision: str = "fp32"):
         self.g, self.d, self.opt_g, self.opt_d, self.nz = g, d, opt_g, opt_d, nz
         self.d_params = list(unwrap(d).parameters())
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.scaler = None
+        if precision == "fp16":
+            self.scaler = torch.amp.GradScaler(next(unwrap(g).parameters()).device.type)
 
     def _freeze_d(self, frozen: bool) -> None:
         for p in self.d_params:
             p.requires_grad_(not frozen)
 
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _step(self, opt: torch.optim.Optimizer) -> None:
+        self.scaler.step(opt) if self.scaler else opt.step()
+
     def __call__(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         n = real.shape[0]
         z = torch.randn(n, self.nz, device=real.device)
-        fake = self.g(z)
+        with self._autocast(real.device):
+            fake = self.g(z)
         ones = torch.ones(n, device=real.device)
         zeros = torch.zeros(n, device=real.device)
 
@@ -78,22 +96,28 @@ class GANStep:
         self._freeze_d(False)
         self.opt_d.zero_grad(set_to_none=True)
         with getattr(self.d, "no_sync", contextlib.nullcontext)():
-            logits_real = self.d(real)
+            with self._autocast(real.device):
+                logits_real = self.d(real).float()
             loss_real = bce_logits(logits_real, ones)
-            loss_real.backward()
-        logits_fake = self.d(fake.detach())
+            self._backward(loss_real)
+        with self._autocast(real.device):
+            logits_fake = self.d(fake.detach()).float()
         loss_fake = bce_logits(logits_fake, zeros)
-        loss_fake.backward()
-        self.opt_d.step()
+        self._backward(loss_fake)
+        self._step(self.opt_d)
         loss_d = loss_real.detach() + loss_fake.detach()
 
         # G: the non-saturating loss, maximize log D(G(z)), against the updated D.
         self._freeze_d(True)
-        loss_g = bce_logits(unwrap(self.d)(fake), ones)
+        with self._autocast(real.device):
+            logits_g = unwrap(self.d)(fake).float()
+        loss_g = bce_logits(logits_g, ones)
         self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.opt_g.step()
+        self._backward(loss_g)
+        self._step(self.opt_g)
         self._freeze_d(False)
+        if self.scaler:
+            self.scaler.update()
 
         with torch.no_grad():
             return {

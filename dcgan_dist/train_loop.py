@@ -16,6 +16,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from dcgan_dist import checkpoint
 from dcgan_dist.config import Config, from_dict
@@ -33,6 +34,8 @@ GRID_SAMPLES = 64
 # Ray ranks checkpoints by "score" (lower is better); a checkpoint without an evaluation ranks last.
 # A finite number, not NaN or inf: Ray's saved run state turns those into null and then fails on resume.
 UNSCORED = 1e30
+# ray.grad_compression: gradients cast to half width for the allreduce, back to fp32 after (gloo and NCCL).
+COMPRESSION_HOOKS = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
 
 
 def fixed_noise(cfg: Config) -> torch.Tensor:
@@ -130,9 +133,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start = state["step"] + 1
         log.info("rank %d: resumed from the checkpoint of step %d", rank, state["step"])
     # D runs twice per step: per-rank batch-norm buffers must not be broadcast mid-step.
-    ddp = {"broadcast_buffers": False}
+    ddp = {"broadcast_buffers": False, "bucket_cap_mb": cfg.ray.ddp_bucket_mb}
     g = ray.train.torch.prepare_model(g, parallel_strategy_kwargs=ddp)
     d = ray.train.torch.prepare_model(d, parallel_strategy_kwargs=ddp)
+    if world > 1 and cfg.ray.grad_compression != "none":
+        for model in (g, d):
+            model.register_comm_hook(None, COMPRESSION_HOOKS[cfg.ray.grad_compression])
     if restored and len(state["rng"]) == world:
         checkpoint.set_rng_state(state["rng"][rank])
     else:
@@ -141,7 +147,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = make_batches(resolve_shards(cfg.data.url), channels=m.nc, resolution=m.resolution,
                            batch_size=t.batch_size, seed=t.seed, rank=rank, start_step=start,
                            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer)
-    step_fn = GANStep(g, d, opt_g, opt_d, m.nz)
+    step_fn = GANStep(g, d, opt_g, opt_d, m.nz, t.precision)
     logger = RunLogger(cfg.tracking.uri, loop_config["mlflow_run_id"]) if rank == 0 else None
     evaluator = None
     if t.eval_every:  # the real side (read or cached) lives on rank 0; other ranks only generate

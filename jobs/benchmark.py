@@ -2,6 +2,7 @@
 
     python jobs/benchmark.py step                 # our GAN step vs pytorch/examples', 32x32 and 64x64
     python jobs/benchmark.py step --json out.json --batches 64 128 512
+    python jobs/benchmark.py step --variant bf16=train.precision=bf16 --variant fused=train.fused_adam=true
 """
 
 import argparse
@@ -27,6 +28,8 @@ def main() -> int:
     s.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                   help="also time our step with these config overrides, e.g. bf16=train.precision=bf16 (repeatable)")
     s.add_argument("--json", help="write the rows to this file")
     dp = sub.add_parser("data", help="shard build and streaming throughput, local and loopback S3 (needs the dev extra)")
     dp.add_argument("--images", type=int, default=2000, help="images in the generated LSUN-format LMDB")
@@ -38,8 +41,12 @@ def main() -> int:
     from dcgan_dist import bench
 
     if args.what == "step":
+        variants = {}
+        for v in args.variant:
+            name, _, overrides = v.partition("=")
+            variants[name] = [o for o in overrides.split(",") if o]
         rows = bench.bench_step(args.resolutions, args.batches, args.preset, steps=args.steps, repeats=args.repeats,
-                                device=args.device)
+                                device=args.device, variants=variants)
     else:
         rows = bench.bench_data(args.images, args.resolution, args.encodings, args.workdir)
     print_table(rows)

@@ -64,12 +64,13 @@ def test_prepare_data_digits_and_folder_errors(tmp_path):
 def test_step_benchmark_writes_json_rows(tmp_path):
     out = tmp_path / "step.json"
     r = run_job("jobs/benchmark.py", "step", "--resolutions", "32", "--batches", "8", "--steps", "1",
-                "--repeats", "1", "--json", str(out))
+                "--repeats", "1", "--variant", "bf16=train.precision=bf16,train.fused_adam=true", "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [row["name"] for row in rows] == ["canonical", "ours"]
+    assert [row["name"] for row in rows] == ["canonical", "ours", "bf16"]
+    assert rows[2]["options"] == "train.precision=bf16 train.fused_adam=true"
     assert all(row["resolution"] == 32 and row["batch"] == 8 and row["images_per_s"] > 0 for row in rows)
-    assert rows[1]["ratio_vs_canonical"] > 0
+    assert rows[1]["ratio_vs_canonical"] > 0 and rows[2]["ratio_vs_canonical"] > 0
 
 
 def test_data_benchmark_runs_end_to_end(tmp_path):

@@ -76,3 +76,57 @@ def test_no_d_weight_gradient_in_the_g_update():
     step(torch.rand(8, 1, 32, 32) * 2 - 1)
     # Each D weight gets a gradient from the real and the fake backward, none from the G update.
     assert set(calls.values()) == {2}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_runs_under_autocast_and_tracks_fp32(precision):
+    """bf16/fp16: convolutions run at half width, weights and Adam stay fp32, and a few steps land
+    close to the fp32 step from the same start (same noise, same batch)."""
+    cfg, g, d = tiny()
+    g32, d32 = copy.deepcopy(g), copy.deepcopy(d)
+    half = GANStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz, precision)
+    full = GANStep(g32, d32, *make_optimizers(g32, d32, cfg.train), cfg.model.nz)
+    seen = []
+    hook = d.main[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    real = torch.rand(16, 1, 32, 32) * 2 - 1
+    for _ in range(3):
+        torch.manual_seed(3)
+        out_half = half(real)
+        torch.manual_seed(3)
+        out_full = full(real)
+    hook.remove()
+    assert set(seen) == {getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])}
+    assert all(p.dtype == torch.float32 for p in [*g.parameters(), *d.parameters()])
+    assert (half.scaler is not None) == (precision == "fp16")
+    assert all(torch.isfinite(out_half[k]) for k in ("loss_d", "loss_g"))
+    if precision == "bf16":
+        for k in ("loss_d", "loss_g"):
+            assert abs(out_half[k].item() - out_full[k].item()) < 0.05, (k, out_half[k], out_full[k])
+        moved = [(a - b).abs().max().item() for a, b in zip(g.parameters(), g32.parameters())]
+        assert max(moved) < 1e-2  # same trajectory up to rounding
+    else:  # fp16: the scaler starts at 2**16 and skips the steps whose scaled gradients overflow
+        assert half.scaler.get_scale() <= 2.0 ** 16
+
+
+def test_fused_adam_is_used_when_asked_and_gives_the_same_update():
+    cfg = load_config(overrides=["model.ngf=8", "model.ndf=8", "train.fused_adam=true"])
+    _, g, d = tiny()
+    g2, d2 = copy.deepcopy(g), copy.deepcopy(d)
+    fused = make_optimizers(g, d, cfg.train)
+    plain = make_optimizers(g2, d2, load_config(overrides=["model.ngf=8", "model.ndf=8"]).train)
+    assert fused[0].defaults["fused"] and not plain[0].defaults.get("fused")
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    for step in (GANStep(g, d, *fused, cfg.model.nz), GANStep(g2, d2, *plain, cfg.model.nz)):
+        torch.manual_seed(5)
+        step(real)
+    for a, b in zip(g.parameters(), g2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # same math, different summation order
+
+
+def test_bad_precision_and_compression_are_named():
+    from dcgan_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.precision: must be one of fp32, bf16, fp16, got 'fp8'"):
+        load_config(overrides=["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="ray.grad_compression: must be none, bf16 or fp16"):
+        load_config(overrides=["ray.grad_compression=int8"])

@@ -56,6 +56,18 @@ def test_two_worker_run_tracks_registers_and_keeps_ranks_in_sync(local_ray, tmp_
     assert len(client.search_model_versions("name='dcgan-generator'")) == 1
 
 
+def test_fast_options_train_two_ranks_in_sync(local_ray, tmp_path, digits_dir):
+    """bf16 autocast, fused Adam, small DDP buckets and bf16-compressed gradients (gloo) across 2 ranks."""
+    cfg = load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{
+        "train.run_name": "fast", "train.steps": 8, "tracking.register": "false", "train.precision": "bf16",
+        "train.fused_adam": "true", "ray.ddp_bucket_mb": 1, "ray.grad_compression": "bf16"}))
+    out = train(cfg)
+    assert out.step == 8
+    digests = out.metrics["g_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # compressed allreduce: both ranks get the same mean
+    assert all(np.isfinite(out.metrics[k]) for k in ("loss_d", "loss_g"))
+
+
 def test_worker_failure_resumes_from_checkpoint_without_repeating_steps(local_ray, tmp_path, digits_dir):
     overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "crashy", "train.fail_at_step": 7,
                                                          "tracking.register": "false"})
