@@ -10,7 +10,7 @@ import torch
 from dcgan_dist.canonical import CanonicalStep
 from dcgan_dist.config import load_config
 from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, make_optimizers, to_layout
+from dcgan_dist.step import GANStep, compile_models, make_optimizers, to_layout
 
 GFLOPS_PER_IMAGE_64 = 2.5  # one training step, examples preset at 64x64 (PITFALLS.md)
 PRESET_COST = {"examples": 1.0, "paper": 6.0}  # the paper's ngf 128, 5x5 model is about 6x the work
@@ -36,6 +36,7 @@ def _make(kind: str, resolution: int, preset: str, nc: int, device: torch.device
         cfg.train.fused_adam = False
         return CanonicalStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz), False
     g, d = to_layout(cfg.train.channels_last, g, d)
+    compile_models(cfg.train.compile, g, d)
     return GANStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz, cfg.train.precision), cfg.train.channels_last
 
 

@@ -23,6 +23,7 @@ PRESETS = {
 }
 RESOLUTIONS = (32, 64, 128)
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 METRIC_NAMES = ("swd", "fid", "kid")  # all lower-is-better; computed by dcgan_dist.metrics.registry
 
 
@@ -66,6 +67,8 @@ class TrainConfig:
     channels_last: bool = doc("NHWC memory layout for G, D and batches (1.3x faster convolutions on CPU)", True)
     precision: str = doc("fp32, bf16 (autocast) or fp16 (autocast + grad scaler); weights and Adam stay fp32", "fp32")
     fused_adam: bool = doc("Adam's fused kernel (one kernel for all parameters instead of a loop)", False)
+    compile: str = doc("torch.compile G and D: none, default, or reduce-overhead (CUDA graphs on GPU); "
+                       "falls back to eager where compilation fails", "none")
     eval_every: int = doc("steps between quality evaluations, each also a checkpoint (0 = never)", 100)
     ema_decay: float = doc("generator weight EMA decay, evaluated and exported when on (0 = off; 0.999 typical)", 0.0)
     fail_at_step: int = doc("testing aid: raise once at this step in the first attempt (0 = never)", 0)
@@ -283,6 +286,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _check(t.fail_at_step >= 0, "train.fail_at_step", f"must be >= 0, got {t.fail_at_step}")
     _check("/" not in t.run_name, "train.run_name", f"must not contain '/', got {t.run_name!r}")
+    _check(t.compile in COMPILE_MODES, "train.compile", f"must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(r.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {r.num_workers}")
     _check(r.ddp_bucket_mb >= 1, "ray.ddp_bucket_mb", f"must be >= 1, got {r.ddp_bucket_mb}")

@@ -32,6 +32,18 @@ def to_layout(channels_last: bool, *items):
                  else x.contiguous(memory_format=torch.channels_last) for x in items)
 
 
+def compile_models(mode: str, *models: nn.Module) -> None:
+    """torch.compile each module's forward in place (state_dict keys unchanged, so checkpoints stay
+    portable). Where compilation fails (no compiler, an unsupported op) dynamo runs that code eagerly."""
+    if mode == "none":
+        return
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    for m in models:
+        m.compile(mode=None if mode == "default" else mode)
+
+
 def make_optimizers(g: nn.Module, d: nn.Module, t: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """Adam for each network, with its own learning rate (the paper: 2e-4, beta1 0.5)."""
     fused = {"fused": True} if t.fused_adam else {}

@@ -24,7 +24,7 @@ from dcgan_dist.data.loader import make_batches, resolve_shards, to_model_input
 from dcgan_dist.ema import GeneratorEMA, recalibrate_bn
 from dcgan_dist.metrics.registry import Evaluator, eval_noise, generate
 from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, apply_hparams, make_optimizers, to_layout, unwrap
+from dcgan_dist.step import GANStep, apply_hparams, compile_models, make_optimizers, to_layout, unwrap
 from dcgan_dist.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if t.sync_batchnorm and world > 1:
         g, d = nn.SyncBatchNorm.convert_sync_batchnorm(g), nn.SyncBatchNorm.convert_sync_batchnorm(d)
     g, d = to_layout(t.channels_last, g.to(device), d.to(device))
+    compile_models(t.compile, g, d)
     opt_g, opt_d = make_optimizers(g, d, t)
     ema = GeneratorEMA(g, t.ema_decay) if t.ema_decay > 0 else None
 
