@@ -3,6 +3,7 @@
     python jobs/benchmark.py step                 # our GAN step vs pytorch/examples', 32x32 and 64x64
     python jobs/benchmark.py step --json out.json --batches 64 128 512
     python jobs/benchmark.py step --variant bf16=train.precision=bf16 --variant fused=train.fused_adam=true
+    python jobs/benchmark.py ray-overhead         # Ray Train (1 worker) vs a plain loop, and startup time
 """
 
 import argparse
@@ -37,6 +38,12 @@ def main() -> int:
     dp.add_argument("--encodings", nargs="+", default=["jpg", "raw"])
     dp.add_argument("--workdir", help="keep the generated LMDB and shards here (reused when present)")
     dp.add_argument("--json", help="write the rows to this file")
+    rp = sub.add_parser("ray-overhead", help="python jobs/train.py (Ray Train, 1 worker) vs a plain loop; startup time")
+    rp.add_argument("--steps", type=int, default=300)
+    rp.add_argument("--batch", type=int, default=64)
+    rp.add_argument("--resolution", type=int, default=32)
+    rp.add_argument("--log-every", type=int, default=25, help="training's images/s window")
+    rp.add_argument("--json", help="write the rows to this file")
     args = p.parse_args()
     from dcgan_dist import bench
 
@@ -47,6 +54,8 @@ def main() -> int:
             variants[name] = [o for o in overrides.split(",") if o]
         rows = bench.bench_step(args.resolutions, args.batches, args.preset, steps=args.steps, repeats=args.repeats,
                                 device=args.device, variants=variants)
+    elif args.what == "ray-overhead":
+        rows = bench.bench_ray_overhead(args.steps, args.batch, args.resolution, args.log_every)
     else:
         rows = bench.bench_data(args.images, args.resolution, args.encodings, args.workdir)
     print_table(rows)

@@ -108,3 +108,15 @@ def test_train_checks_the_inception_weights_before_starting_ray(tmp_path, digits
         assert r.returncode == 2, r.stderr[-2000:]
         assert "metrics.inception_weights" in r.stderr and needle in r.stderr and "Traceback" not in r.stderr
         assert "Started a local Ray instance" not in r.stderr + r.stdout
+
+
+def test_ray_overhead_benchmark_reports_startup_and_steady_state(tmp_path):
+    out = tmp_path / "ray.json"
+    r = run_job(str(REPO / "jobs" / "benchmark.py"), "ray-overhead", "--steps", "6", "--log-every", "2",
+                "--batch", "16", "--json", str(out), cwd=tmp_path)  # the digits shards get built under tmp_path
+    assert r.returncode == 0, r.stderr[-2000:]
+    startup, steady = json.loads(out.read_text())
+    assert startup["name"] == "time_to_first_step_s" and 0 < startup["value"] < startup["total_wall_s"]
+    assert steady["windows"] == 3 and steady["ray_images_per_s"] > 0 and steady["plain_images_per_s"] > 0
+    assert steady["ratio_ray_vs_plain"] > 0
+    assert (tmp_path / "data" / "digits-32" / "manifest.json").exists()
