@@ -221,3 +221,30 @@ def bench_ray_overhead(steps: int = 300, batch: int = 64, resolution: int = 32, 
                      "ratio_ray_vs_plain": round(ray_ips / plain_ips, 3), "windows": len(windows),
                      "total_wall_s": round(wall, 1)})
     return rows
+
+
+def bench_scaling(resolution: int = 64, preset: str = "examples", batch: int = 128, gpu_tflops: float = 100.0,
+                  cpu_batch: int = 32) -> dict:
+    """Measured here: our step's compute time (CPU) and a gloo allreduce of the step's gradients (2 local
+    ranks, fp32 and bf16). Modelled: data-parallel efficiency for 1-64 GPUs at 100/400 Gb/s, GPU compute
+    = GFLOPs per step / `gpu_tflops` achieved (a stated assumption until a GPU measures it)."""
+    from dcgan_dist import scaling
+
+    nbytes = scaling.gradient_bytes(resolution, preset)
+    step, cl = _make("ours", resolution, preset, 3, torch.device("cpu"))
+    real = to_layout(cl, torch.rand(cpu_batch, 3, resolution, resolution) * 2 - 1)[0]
+    _time(step, real, 2)
+    cpu_step_s = min(_time(step, real, 3) for _ in range(2)) / 3
+    ar_fp32 = scaling.measure_allreduce(nbytes)
+    ar_bf16 = scaling.measure_allreduce(nbytes // 2, dtype=torch.bfloat16)
+    gpu_step_s = step_gflops(resolution, preset) * batch / (gpu_tflops * 1e3)
+    return {
+        "measured": {"resolution": resolution, "preset": preset, "gradient_mb": round(nbytes / 1e6, 2),
+                     "cpu_batch": cpu_batch, "cpu_step_ms": round(cpu_step_s * 1e3, 1),
+                     "gloo_allreduce_fp32_ms_2ranks": round(ar_fp32 * 1e3, 2),
+                     "gloo_allreduce_bf16_ms_2ranks": round(ar_bf16 * 1e3, 2),
+                     "cpu_allreduce_share_2ranks": round(ar_fp32 / (cpu_step_s + ar_fp32), 3),
+                     "threads": torch.get_num_threads()},
+        "model": {"gpu_batch": batch, "gpu_tflops_achieved": gpu_tflops, "gpu_step_ms": round(gpu_step_s * 1e3, 3),
+                  "rows": scaling.efficiency_table(gpu_step_s, nbytes, nbytes / 2)},
+    }

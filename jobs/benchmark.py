@@ -44,6 +44,12 @@ def main() -> int:
     rp.add_argument("--resolution", type=int, default=32)
     rp.add_argument("--log-every", type=int, default=25, help="training's images/s window")
     rp.add_argument("--json", help="write the rows to this file")
+    sp = sub.add_parser("scaling", help="compute and allreduce time per step, and the predicted scaling table")
+    sp.add_argument("--resolution", type=int, default=64)
+    sp.add_argument("--preset", default="examples", choices=["examples", "paper"])
+    sp.add_argument("--batch", type=int, default=128, help="per-GPU batch of the modelled runs")
+    sp.add_argument("--gpu-tflops", type=float, default=100.0, help="achieved TFLOP/s of one GPU on our step")
+    sp.add_argument("--json", help="write the result to this file")
     args = p.parse_args()
     from dcgan_dist import bench
 
@@ -54,6 +60,16 @@ def main() -> int:
             variants[name] = [o for o in overrides.split(",") if o]
         rows = bench.bench_step(args.resolutions, args.batches, args.preset, steps=args.steps, repeats=args.repeats,
                                 device=args.device, variants=variants)
+    elif args.what == "scaling":
+        result = bench.bench_scaling(args.resolution, args.preset, args.batch, args.gpu_tflops)
+        print(json.dumps(result["measured"], indent=2))
+        print(f"model: {json.dumps({k: v for k, v in result['model'].items() if k != 'rows'})}")
+        rows = result["model"]["rows"]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        print_table(rows)
+        return 0
     elif args.what == "ray-overhead":
         rows = bench.bench_ray_overhead(args.steps, args.batch, args.resolution, args.log_every)
     else:
