@@ -10,7 +10,7 @@ import torch
 from dcgan_dist.canonical import CanonicalStep
 from dcgan_dist.config import load_config
 from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, compile_models, make_optimizers, to_layout
+from dcgan_dist.step import GANStep, compile_models, make_optimizers, resolve_precision, to_layout
 
 GFLOPS_PER_IMAGE_64 = 2.5  # one training step, examples preset at 64x64 (PITFALLS.md)
 PRESET_COST = {"examples": 1.0, "paper": 6.0}  # the paper's ngf 128, 5x5 model is about 6x the work
@@ -37,7 +37,8 @@ def _make(kind: str, resolution: int, preset: str, nc: int, device: torch.device
         return CanonicalStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz), False
     g, d = to_layout(cfg.train.channels_last, g, d)
     compile_models(cfg.train.compile, g, d)
-    return GANStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz, cfg.train.precision), cfg.train.channels_last
+    precision = resolve_precision(cfg.train.precision, device)
+    return GANStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz, precision), cfg.train.channels_last
 
 
 def _time(step: Callable, real: torch.Tensor, steps: int) -> float:
@@ -157,7 +158,7 @@ def _plain_loop_rate(cfg, steps: int, warmup: int) -> float:
     torch.manual_seed(t.seed)
     g, d = to_layout(t.channels_last, build_generator(m, m.nc), build_discriminator(m, m.nc))
     compile_models(t.compile, g, d)
-    step = GANStep(g, d, *make_optimizers(g, d, t), m.nz, t.precision)
+    step = GANStep(g, d, *make_optimizers(g, d, t), m.nz, resolve_precision(t.precision, torch.device("cpu")))
     batches = make_batches(resolve_shards(cfg.data.url), channels=m.nc, resolution=m.resolution,
                            batch_size=t.batch_size, seed=t.seed, num_workers=cfg.data.num_workers,
                            shuffle_buffer=cfg.data.shuffle_buffer)

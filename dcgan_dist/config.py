@@ -22,7 +22,7 @@ PRESETS = {
     "paper": {"ngf": 128, "ndf": 128, "kernel": 5},
 }
 RESOLUTIONS = (32, 64, 128)
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 METRIC_NAMES = ("swd", "fid", "kid")  # all lower-is-better; computed by dcgan_dist.metrics.registry
 
@@ -65,7 +65,8 @@ class TrainConfig:
     run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "")
     sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics", False)
     channels_last: bool = doc("NHWC memory layout for G, D and batches (1.3x faster convolutions on CPU)", True)
-    precision: str = doc("fp32, bf16 (autocast) or fp16 (autocast + grad scaler); weights and Adam stay fp32", "fp32")
+    precision: str = doc("auto (bf16 where the hardware has it natively, else fp32), fp32, bf16 (autocast) or fp16 "
+                         "(autocast + grad scaler); weights and Adam stay fp32", "auto")
     fused_adam: bool = doc("Adam's fused kernel (one kernel for all parameters instead of a loop)", False)
     compile: str = doc("torch.compile G and D: none, default, or reduce-overhead (CUDA graphs on GPU); "
                        "falls back to eager where compilation fails", "none")

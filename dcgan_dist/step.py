@@ -32,6 +32,25 @@ def to_layout(channels_last: bool, *items):
                  else x.contiguous(memory_format=torch.channels_last) for x in items)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls/convs in hardware: CUDA GPUs from Ampere on, CPUs with AMX or
+    AVX512-BF16. Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision 'auto' -> bf16 where the hardware has it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def compile_models(mode: str, *models: nn.Module) -> None:
     """torch.compile each module's forward in place (state_dict keys unchanged, so checkpoints stay
     portable). Where compilation fails (no compiler, an unsupported op) dynamo runs that code eagerly."""

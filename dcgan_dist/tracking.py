@@ -182,12 +182,16 @@ class RunLogger:
             self._enqueue(len(batch), lambda b=batch: self.client.log_batch(self.run_id, metrics=b))
         self.pending = []
 
-    def set_protocols(self, protocols: dict[str, str]) -> None:
-        """Tag the run with each metric's protocol (`protocol.swd` = its key), once per change."""
-        new = {f"protocol.{k}": v for k, v in protocols.items() if self._tags.get(f"protocol.{k}") != v}
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tag the run; a tag is sent again only when its value changes."""
+        new = {k: v for k, v in tags.items() if self._tags.get(k) != v}
         for k, v in new.items():
             self._enqueue(0, lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
         self._tags.update(new)
+
+    def set_protocols(self, protocols: dict[str, str]) -> None:
+        """Tag the run with each metric's protocol (`protocol.swd` = its key)."""
+        self.set_tags({f"protocol.{k}": v for k, v in protocols.items()})
 
     def log_grid(self, step: int, images: torch.Tensor) -> None:
         """An 8x8 grid as `samples/step_NNNNNN.png` and in the run's image view (key `samples`)."""

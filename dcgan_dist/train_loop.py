@@ -24,7 +24,8 @@ from dcgan_dist.data.loader import make_batches, resolve_shards, to_model_input
 from dcgan_dist.ema import GeneratorEMA, recalibrate_bn
 from dcgan_dist.metrics.registry import Evaluator, eval_noise, generate
 from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, apply_hparams, compile_models, make_optimizers, to_layout, unwrap
+from dcgan_dist.step import (GANStep, apply_hparams, compile_models, make_optimizers, resolve_precision, to_layout,
+                             unwrap)
 from dcgan_dist.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = make_batches(resolve_shards(cfg.data.url), channels=m.nc, resolution=m.resolution,
                            batch_size=t.batch_size, seed=t.seed, rank=rank, start_step=start,
                            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer)
-    step_fn = GANStep(g, d, opt_g, opt_d, m.nz, t.precision)
+    precision = resolve_precision(t.precision, device)
+    step_fn = GANStep(g, d, opt_g, opt_d, m.nz, precision)
     logger = RunLogger(cfg.tracking.uri, loop_config["mlflow_run_id"]) if rank == 0 else None
+    if logger:
+        logger.set_tags({"precision": precision, "device": str(device)})  # what `auto` became, where it ran
     evaluator = None
     if t.eval_every:  # the real side (read or cached) lives on rank 0; other ranks only generate
         shard_set = resolve_shards(cfg.data.url)

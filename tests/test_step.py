@@ -126,7 +126,7 @@ def test_fused_adam_is_used_when_asked_and_gives_the_same_update():
 def test_bad_precision_and_compression_are_named():
     from dcgan_dist.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.precision: must be one of fp32, bf16, fp16, got 'fp8'"):
+    with pytest.raises(ConfigError, match="train.precision: must be one of auto, fp32, bf16, fp16, got 'fp8'"):
         load_config(overrides=["train.precision=fp8"])
     with pytest.raises(ConfigError, match="ray.grad_compression: must be none, bf16 or fp16"):
         load_config(overrides=["ray.grad_compression=int8"])
@@ -153,3 +153,14 @@ def test_compiled_step_matches_eager_and_keeps_checkpoint_keys():
     assert list(g.state_dict()) == keys
     for x, y in zip(g.parameters(), g2.parameters()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_precision_follows_the_hardware():
+    from dcgan_dist.step import native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    flags = open("/proc/cpuinfo").read()
+    assert native_bf16(cpu) == (" amx_bf16" in flags or " avx512_bf16" in flags)
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    assert load_config().train.precision == "auto"

@@ -6,10 +6,12 @@ import mlflow
 import numpy as np
 import pytest
 import ray
+import torch
 from mlflow import MlflowClient
 
 from conftest import tiny_overrides
 from dcgan_dist.config import load_config
+from dcgan_dist.step import resolve_precision
 from dcgan_dist.trainer import train
 
 
@@ -36,6 +38,8 @@ def test_two_worker_run_tracks_registers_and_keeps_ranks_in_sync(local_ray, tmp_
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == "12" and run.data.params["model.ngf"] == "8"
     assert run.data.params["model.nc"] == "1"  # resolved from the manifest before logging
+    assert run.data.params["train.precision"] == "auto"
+    assert run.data.tags["precision"] == resolve_precision("auto", torch.device("cpu"))  # what auto became
     for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s"):
         assert history(client, out.run_id, key) == [2, 4, 6, 8, 10, 12], key
     assert run.data.metrics["images_per_s"] > 0
@@ -66,6 +70,7 @@ def test_fast_options_train_two_ranks_in_sync(local_ray, tmp_path, digits_dir):
     digests = out.metrics["g_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]  # compressed allreduce: both ranks get the same mean
     assert all(np.isfinite(out.metrics[k]) for k in ("loss_d", "loss_g"))
+    assert MlflowClient(cfg.tracking.uri).get_run(out.run_id).data.tags["precision"] == "bf16"
 
 
 def test_worker_failure_resumes_from_checkpoint_without_repeating_steps(local_ray, tmp_path, digits_dir):
