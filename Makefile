@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision are pinned to the builds that ship on this kind of machine (see README).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,17 @@ test: setup
 
 bench: setup
 	$(BIN)/python jobs/benchmark.py step
+
+# Every benchmark on a CUDA machine, JSON in outputs/bench/ (see docs/performance.md for what each measures).
+bench-gpu: setup
+	mkdir -p outputs/bench
+	$(BIN)/python jobs/benchmark.py step --device cuda --batches 64 128 512 --steps 50 \
+		--variant fp32=train.precision=fp32 --variant fused=train.fused_adam=true --json outputs/bench/step.json
+	$(BIN)/python jobs/benchmark.py step --device cuda --resolutions 64 --batches 128 --steps 50 \
+		--variant compiled=train.compile=default --variant graphs=train.compile=reduce-overhead \
+		--json outputs/bench/step_compile.json
+	$(BIN)/python jobs/benchmark.py scaling --json outputs/bench/scaling.json
+	$(BIN)/python jobs/benchmark.py data --images 4000 --json outputs/bench/data.json
 
 clean:
 	rm -rf $(VENV) data/ mlflow.db ray_results/ outputs/

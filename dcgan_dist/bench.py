@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -12,13 +13,17 @@ from dcgan_dist.config import load_config
 from dcgan_dist.models import build_discriminator, build_generator
 from dcgan_dist.step import GANStep, compile_models, make_optimizers, resolve_precision, to_layout
 
-GFLOPS_PER_IMAGE_64 = 2.5  # one training step, examples preset at 64x64 (PITFALLS.md)
-PRESET_COST = {"examples": 1.0, "paper": 6.0}  # the paper's ngf 128, 5x5 model is about 6x the work
+@functools.lru_cache
+def step_gflops(resolution: int, preset: str, nc: int = 3) -> float:
+    """GFLOPs of one training step per image, counted (torch's FlopCounterMode) on the canonical
+    pytorch/examples step: the same work figure for every row, so TFLOP/s compare like with like
+    (ours does ~8% fewer FLOPs for the same update). 2.48 at 64x64 `examples`, 0.42 at 32x32."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-
-def step_gflops(resolution: int, preset: str) -> float:
-    """Approximate GFLOPs of one training step per image (scales with pixel count)."""
-    return GFLOPS_PER_IMAGE_64 * (resolution / 64) ** 2 * PRESET_COST[preset]
+    step, _ = _make("canonical", resolution, preset, nc, torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        step(torch.zeros(2, nc, resolution, resolution))
+    return counter.get_total_flops() / 2 / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -41,6 +46,29 @@ def _make(kind: str, resolution: int, preset: str, nc: int, device: torch.device
     return GANStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz, precision), cfg.train.channels_last
 
 
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, seconds: float = 2.0) -> float:
+    """Measured dense matmul TFLOP/s of `device` in `dtype`: the ceiling our step's utilization is read against.
+
+    Square matmuls big enough to saturate the device (8192 on a GPU, 2048 on a CPU); the best of 10
+    short bursts over about `seconds`, since a shared VM's clock and neighbours vary."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    a @ b
+    _sync(device)
+    reps = max(1, int(seconds / 10 / max(time.perf_counter() - t0, 1e-6)))
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n**3 / best / 1e12
+
+
 def _time(step: Callable, real: torch.Tensor, steps: int) -> float:
     _sync(real.device)
     t0 = time.perf_counter()
@@ -53,8 +81,10 @@ def _time(step: Callable, real: torch.Tensor, steps: int) -> float:
 def bench_step(resolutions=(32, 64), batches=(64, 128), preset="examples", nc=3, steps=10, warmup=2,
                repeats=3, device: str | None = None, variants: dict[str, list[str]] | None = None) -> list[dict]:
     """Canonical pytorch/examples step vs ours (and `variants` of ours: {name: config overrides}), same
-    process, same shapes; repeats interleaved, best kept; every row of ours has its ratio to canonical."""
+    process, same shapes; repeats interleaved, best kept; every row of ours has its ratio to canonical, and
+    every row its utilization of the device's measured bf16 matmul peak."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    peak = matmul_peak_tflops(dev)
     kinds = {"canonical": [], "ours": [], **(variants or {})}
     rows = []
     for res in resolutions:
@@ -63,8 +93,7 @@ def bench_step(resolutions=(32, 64), batches=(64, 128), preset="examples", nc=3,
             steppers = {k: _make("canonical" if k == "canonical" else "ours", res, preset, nc, dev, o)
                         for k, o in kinds.items()}
             inputs = {k: to_layout(cl, real)[0] for k, (_, cl) in steppers.items()}
-            for k, (s, _) in steppers.items():
-                _time(s, inputs[k], warmup)
+            warm = {k: _time(s, inputs[k], warmup) for k, (s, _) in steppers.items()}  # compiles, if asked
             best = {k: float("inf") for k in steppers}
             for _ in range(repeats):  # interleave so drift in machine load hits all alike
                 for k, (s, _) in steppers.items():
@@ -73,8 +102,12 @@ def bench_step(resolutions=(32, 64), batches=(64, 128), preset="examples", nc=3,
                 ips = batch * steps / best[k]
                 row = {"name": k, "resolution": res, "batch": batch, "preset": preset, "device": str(dev),
                        "channels_last": steppers[k][1], "options": " ".join(kinds[k]),
-                       "threads": torch.get_num_threads(), "images_per_s": round(ips, 1),
-                       "tflops": round(ips * step_gflops(res, preset) / 1e3, 4)}
+                       "threads": torch.get_num_threads(), "warmup_s": round(warm[k], 2),
+                       "images_per_s": round(ips, 1),
+                       "gflops_per_image": round(step_gflops(res, preset, nc), 3),
+                       "tflops": round(ips * step_gflops(res, preset, nc) / 1e3, 4),
+                       "bf16_peak_tflops": round(peak, 3),
+                       "utilization": round(ips * step_gflops(res, preset, nc) / 1e3 / peak, 4)}
                 if k != "canonical":
                     row["ratio_vs_canonical"] = round(ips / (batch * steps / best["canonical"]), 3)
                 rows.append(row)
@@ -99,8 +132,62 @@ def _stream_rate(url: str, channels: int, resolution: int, batches: int, batch_s
     return batches * batch_size / (time.perf_counter() - t0), batches * batch_size
 
 
-def bench_data(images: int = 2000, resolution: int = 64, encodings=("jpg", "raw"), workdir: str | None = None) -> list[dict]:
-    """Shard build and streaming throughput (local and loopback S3) on an LSUN-format LMDB, per core."""
+def _jpeg_bytes(shard_dir: str, n: int) -> list[bytes]:
+    from dcgan_dist.data.loader import iter_tar, open_shard, resolve_shards
+
+    out = []
+    for url in resolve_shards(shard_dir).urls:
+        with open_shard(url) as f:
+            out += [sample["jpg"] for _, sample in iter_tar(f)]
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def bench_decode(shard_dir: str, resolution: int, images: int = 2000, batch: int = 256) -> list[dict]:
+    """JPEG decode rates of the images in `shard_dir`: PIL one at a time (what the loader's workers do, per
+    core), torchvision's decode_jpeg on CPU, and decode_jpeg on CUDA (nvJPEG, batches of `batch`) when a
+    GPU is present. Each against the training step's images/s on the same device."""
+    from torchvision.io import decode_jpeg
+
+    from dcgan_dist.data.loader import decode_sample
+
+    data = _jpeg_bytes(shard_dir, images)
+    encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+    batches = [encoded[i:i + batch] for i in range(0, len(encoded), batch)]
+    rates = {}
+    t0 = time.perf_counter()
+    for b in data:
+        decode_sample({"jpg": b}, 3, resolution)
+    rates["pil", "cpu"] = len(data) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for chunk in batches:
+        decode_jpeg(chunk)
+    rates["torchvision", "cpu"] = len(data) / (time.perf_counter() - t0)
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+        for chunk in batches[:2]:  # warm up nvJPEG's handles and buffers
+            decode_jpeg(chunk, device="cuda")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for chunk in batches:
+            decode_jpeg(chunk, device="cuda")
+        torch.cuda.synchronize()
+        rates["nvjpeg", "cuda"] = len(data) / (time.perf_counter() - t0)
+    step = {d: bench_step((resolution,), (64,), steps=5, repeats=2, device=d)[1]["images_per_s"] for d in devices}
+    rows = [{"decoder": name, "device": dev, "resolution": resolution, "images": len(data),
+             "batch": batch if name != "pil" else 1, "threads": torch.get_num_threads(),
+             "images_per_s": round(rate, 1), "step_images_per_s": step[dev],
+             "decode_vs_step": round(rate / step[dev], 2)} for (name, dev), rate in rates.items()]
+    if "cuda" not in devices:
+        rows.append({"decoder": "nvjpeg", "device": "cuda", "note": "no CUDA device here: not measured"})
+    return rows
+
+
+def bench_data(images: int = 2000, resolution: int = 64, encodings=("jpg", "raw"), workdir: str | None = None) -> dict:
+    """Shard build and streaming throughput (local and loopback S3) on an LSUN-format LMDB, per core, and
+    the JPEG decoders on those shards: {"stream": rows, "decode": rows}."""
     import os
     import tempfile
 
@@ -147,7 +234,8 @@ def bench_data(images: int = 2000, resolution: int = 64, encodings=("jpg", "raw"
             })
     finally:
         server.stop()
-    return rows
+    decode = bench_decode(os.path.join(work, "shards-jpg"), resolution) if "jpg" in encodings else []
+    return {"stream": rows, "decode": decode}
 
 
 def _plain_loop_rate(cfg, steps: int, warmup: int) -> float:
@@ -224,28 +312,49 @@ def bench_ray_overhead(steps: int = 300, batch: int = 64, resolution: int = 32, 
     return rows
 
 
+def _step_seconds(device: torch.device, resolution: int, preset: str, batch: int) -> float:
+    """Seconds per step of ours (training defaults) at `batch`, best of 2 bursts."""
+    step, cl = _make("ours", resolution, preset, 3, device)
+    real = to_layout(cl, torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1)[0]
+    _time(step, real, 3)
+    n = 3 if device.type == "cpu" else 20
+    return min(_time(step, real, n) for _ in range(2)) / n
+
+
 def bench_scaling(resolution: int = 64, preset: str = "examples", batch: int = 128, gpu_tflops: float = 100.0,
                   cpu_batch: int = 32) -> dict:
-    """Measured here: our step's compute time (CPU) and a gloo allreduce of the step's gradients (2 local
-    ranks, fp32 and bf16). Modelled: data-parallel efficiency for 1-64 GPUs at 100/400 Gb/s, GPU compute
-    = GFLOPs per step / `gpu_tflops` achieved (a stated assumption until a GPU measures it)."""
+    """Measured here: our step's compute time and an allreduce of the step's gradients, fp32 and bf16:
+    CPU + gloo between 2 local ranks, and on a GPU machine the GPU step at `batch` + NCCL (2 ranks if
+    there are 2 GPUs, else 1). Modelled: data-parallel efficiency for 1-64 GPUs at 100/400 Gb/s, with the
+    measured GPU step, or without a GPU, GFLOPs per step / `gpu_tflops` (a stated assumption)."""
     from dcgan_dist import scaling
 
     nbytes = scaling.gradient_bytes(resolution, preset)
-    step, cl = _make("ours", resolution, preset, 3, torch.device("cpu"))
-    real = to_layout(cl, torch.rand(cpu_batch, 3, resolution, resolution) * 2 - 1)[0]
-    _time(step, real, 2)
-    cpu_step_s = min(_time(step, real, 3) for _ in range(2)) / 3
+    cpu_step_s = _step_seconds(torch.device("cpu"), resolution, preset, cpu_batch)
     ar_fp32 = scaling.measure_allreduce(nbytes)
     ar_bf16 = scaling.measure_allreduce(nbytes // 2, dtype=torch.bfloat16)
-    gpu_step_s = step_gflops(resolution, preset) * batch / (gpu_tflops * 1e3)
+    measured = {"resolution": resolution, "preset": preset, "gradient_mb": round(nbytes / 1e6, 2),
+                "cpu_batch": cpu_batch, "cpu_step_ms": round(cpu_step_s * 1e3, 1),
+                "gloo_allreduce_fp32_ms_2ranks": round(ar_fp32 * 1e3, 2),
+                "gloo_allreduce_bf16_ms_2ranks": round(ar_bf16 * 1e3, 2),
+                "cpu_allreduce_share_2ranks": round(ar_fp32 / (cpu_step_s + ar_fp32), 3),
+                "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        gpu_step_s = _step_seconds(torch.device("cuda"), resolution, preset, batch)
+        ranks = min(2, torch.cuda.device_count())
+        nccl = {w: scaling.measure_allreduce(nbytes // (2 if w == "bf16" else 1), world=ranks, backend="nccl",
+                                             dtype=torch.bfloat16 if w == "bf16" else torch.float32, repeats=20)
+                for w in ("fp32", "bf16")}
+        measured.update({"gpu": torch.cuda.get_device_name(), "gpu_batch": batch,
+                         "gpu_step_ms": round(gpu_step_s * 1e3, 3),
+                         "gpu_tflops_achieved": round(step_gflops(resolution, preset) * batch / gpu_step_s / 1e3, 2),
+                         **{f"nccl_allreduce_{w}_ms_{ranks}ranks": round(t * 1e3, 3) for w, t in nccl.items()}})
+        source = "measured on this GPU"
+    else:
+        gpu_step_s = step_gflops(resolution, preset) * batch / (gpu_tflops * 1e3)
+        source = f"assumed: {gpu_tflops} TFLOP/s achieved"
     return {
-        "measured": {"resolution": resolution, "preset": preset, "gradient_mb": round(nbytes / 1e6, 2),
-                     "cpu_batch": cpu_batch, "cpu_step_ms": round(cpu_step_s * 1e3, 1),
-                     "gloo_allreduce_fp32_ms_2ranks": round(ar_fp32 * 1e3, 2),
-                     "gloo_allreduce_bf16_ms_2ranks": round(ar_bf16 * 1e3, 2),
-                     "cpu_allreduce_share_2ranks": round(ar_fp32 / (cpu_step_s + ar_fp32), 3),
-                     "threads": torch.get_num_threads()},
-        "model": {"gpu_batch": batch, "gpu_tflops_achieved": gpu_tflops, "gpu_step_ms": round(gpu_step_s * 1e3, 3),
+        "measured": measured,
+        "model": {"gpu_batch": batch, "gpu_step_ms": round(gpu_step_s * 1e3, 3), "gpu_step_source": source,
                   "rows": scaling.efficiency_table(gpu_step_s, nbytes, nbytes / 2)},
     }

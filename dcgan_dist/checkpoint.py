@@ -43,10 +43,13 @@ def _as_tuple(x: Any) -> Any:
 
 
 def training_state(g: nn.Module, d: nn.Module, opt_g, opt_d, step: int, rng: list[dict], config: dict,
-                   ema: nn.Module | None = None, evaluation: dict | None = None) -> dict:
+                   ema: nn.Module | None = None, evaluation: dict | None = None,
+                   scaler: torch.amp.GradScaler | None = None) -> dict:
     """The dict a checkpoint holds; `rng` has one entry per rank (index = rank); `ema` = G's averaged copy;
-    `evaluation` = {"values": {metric: value}, "protocols": {metric: protocol key}} when this step was scored."""
+    `evaluation` = {"values": {metric: value}, "protocols": {metric: protocol key}} when this step was scored;
+    `scaler` = the fp16 loss scaler, so a resumed run does not relearn its scale by skipping steps."""
     return {
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "ema": ema.state_dict() if ema is not None else None,
         "evaluation": evaluation or {},
         "step": step,
@@ -99,3 +102,9 @@ def restore(state: dict, g: nn.Module, d: nn.Module, opt_g, opt_d, ema: nn.Modul
         raise CheckpointError(f"checkpoint does not match the model config (model.* keys): {e}") from None
     opt_g.load_state_dict(state["opt_g"])
     opt_d.load_state_dict(state["opt_d"])
+
+
+def restore_scaler(state: dict, scaler: torch.amp.GradScaler | None) -> None:
+    """Load the fp16 loss scale; a checkpoint from another precision leaves the scaler at its default."""
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])

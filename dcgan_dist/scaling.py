@@ -53,30 +53,41 @@ def efficiency_table(compute_s: float, nbytes: float, compressed_bytes: float) -
     return rows
 
 
-def _allreduce_worker(rank: int, world: int, port: int, nbytes: int, dtype: torch.dtype, repeats: int, out):
+def _allreduce_worker(rank: int, world: int, port: int, nbytes: int, dtype: torch.dtype, repeats: int,
+                      backend: str, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    x = torch.ones(nbytes // torch.tensor([], dtype=dtype).element_size(), dtype=dtype)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    x = torch.ones(nbytes // torch.tensor([], dtype=dtype).element_size(), dtype=dtype, device=device)
     dist.all_reduce(x)  # warm up the connections
     times = []
     for _ in range(repeats):
         dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         dist.all_reduce(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # NCCL returns once queued; time the transfer itself
         times.append(time.perf_counter() - t0)
     if rank == 0:
         out.put(statistics.median(times))
     dist.destroy_process_group()
 
 
-def measure_allreduce(nbytes: int, world: int = 2, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
-    """Median seconds of one gloo allreduce of `nbytes` among `world` local processes (loopback)."""
+def measure_allreduce(nbytes: int, world: int = 2, dtype: torch.dtype = torch.float32, repeats: int = 5,
+                      backend: str = "gloo") -> float:
+    """Median seconds of one allreduce of `nbytes` among `world` local processes: gloo over loopback, or
+    NCCL with one GPU per process (NCCL allows no two ranks on one GPU)."""
     from dcgan_dist.devtools import free_port
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_allreduce_worker, args=(r, world, port, nbytes, dtype, repeats, out))
+    procs = [ctx.Process(target=_allreduce_worker, args=(r, world, port, nbytes, dtype, repeats, backend, out))
              for r in range(world)]
     for p in procs:
         p.start()

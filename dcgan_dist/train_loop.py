@@ -16,10 +16,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from dcgan_dist import checkpoint
 from dcgan_dist.config import Config, from_dict
+from dcgan_dist.ddp_hooks import AllreduceTimer
 from dcgan_dist.data.loader import make_batches, resolve_shards, to_model_input
 from dcgan_dist.ema import GeneratorEMA, recalibrate_bn
 from dcgan_dist.metrics.registry import Evaluator, eval_noise, generate
@@ -35,8 +35,6 @@ GRID_SAMPLES = 64
 # Ray ranks checkpoints by "score" (lower is better); a checkpoint without an evaluation ranks last.
 # A finite number, not NaN or inf: Ray's saved run state turns those into null and then fails on resume.
 UNSCORED = 1e30
-# ray.grad_compression: gradients cast to half width for the allreduce, back to fp32 after (gloo and NCCL).
-COMPRESSION_HOOKS = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
 
 
 def fixed_noise(cfg: Config) -> torch.Tensor:
@@ -138,9 +136,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ddp = {"broadcast_buffers": False, "bucket_cap_mb": cfg.ray.ddp_bucket_mb}
     g = ray.train.torch.prepare_model(g, parallel_strategy_kwargs=ddp)
     d = ray.train.torch.prepare_model(d, parallel_strategy_kwargs=ddp)
-    if world > 1 and cfg.ray.grad_compression != "none":
+    timer = None
+    if world > 1:  # DDP-wrapped: time every allreduce (and compress the gradients when asked)
+        timer = AllreduceTimer(cfg.ray.grad_compression)
         for model in (g, d):
-            model.register_comm_hook(None, COMPRESSION_HOOKS[cfg.ray.grad_compression])
+            timer.register(model)
     if restored and len(state["rng"]) == world:
         checkpoint.set_rng_state(state["rng"][rank])
     else:
@@ -151,6 +151,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer)
     precision = resolve_precision(t.precision, device)
     step_fn = GANStep(g, d, opt_g, opt_d, m.nz, precision)
+    if restored:
+        checkpoint.restore_scaler(state, step_fn.scaler)
     logger = RunLogger(cfg.tracking.uri, loop_config["mlflow_run_id"]) if rank == 0 else None
     if logger:
         logger.set_tags({"precision": precision, "device": str(device)})  # what `auto` became, where it ran
@@ -170,6 +172,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         out = step_fn(real)
         if ema:
             ema.update(g)
+        if timer:
+            timer.end_step()
         sums += torch.stack([out[k] for k in METRICS])
         window_steps += 1
 
@@ -179,12 +183,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         sample_now = bool(logger) and ((t.sample_every and step % t.sample_every == 0) or is_last)
         shown = None  # the eval-mode generator, made once per step for the evaluation and the grid
         if step % t.log_every == 0 or save_now:
+            comm = timer.collect() if timer else {}
             counts = torch.tensor([batches.skipped, batches.retries], dtype=sums.dtype, device=device)
-            stats = torch.cat([sums / (window_steps * world), counts])
+            per_rank = torch.tensor(list(comm.values()), dtype=sums.dtype, device=device) / world
+            stats = torch.cat([sums / (window_steps * world), counts, per_rank])
             if world > 1:
-                dist.all_reduce(stats)  # one collective: mean metrics, total counts
+                dist.all_reduce(stats)  # one collective: mean metrics and allreduce times, total counts
             elapsed = time.perf_counter() - window_start
-            metrics = dict(zip(METRICS + ("data_skipped", "data_retries"), stats.tolist()))
+            metrics = dict(zip(METRICS + ("data_skipped", "data_retries") + tuple(comm), stats.tolist()))
             metrics["images_per_s"] = window_steps * t.batch_size * world / elapsed
             scores, result = {}, None
             if eval_now:
@@ -211,7 +217,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if rank == 0:
                     tmp = tempfile.mkdtemp(prefix="dcgan-ckpt-")
                     state = checkpoint.training_state(g, d, opt_g, opt_d, step, rngs, cfg.to_dict(),
-                                                      ema.module if ema else None, result)
+                                                      ema.module if ema else None, result, step_fn.scaler)
                     checkpoint.save(state, tmp)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({**metrics, **extra}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")

@@ -4,6 +4,10 @@
     python jobs/benchmark.py step --json out.json --batches 64 128 512
     python jobs/benchmark.py step --variant bf16=train.precision=bf16 --variant fused=train.fused_adam=true
     python jobs/benchmark.py ray-overhead         # Ray Train (1 worker) vs a plain loop, and startup time
+    python jobs/benchmark.py data                 # shard build, streaming (local, S3), JPEG decode (CPU, nvJPEG)
+    python jobs/benchmark.py scaling              # compute + allreduce per step, predicted efficiency, 1-64 GPUs
+
+On a GPU machine `make bench-gpu` runs all of them (the whole GPU step table in a few minutes).
 """
 
 import argparse
@@ -32,7 +36,8 @@ def main() -> int:
     s.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                    help="also time our step with these config overrides, e.g. bf16=train.precision=bf16 (repeatable)")
     s.add_argument("--json", help="write the rows to this file")
-    dp = sub.add_parser("data", help="shard build and streaming throughput, local and loopback S3 (needs the dev extra)")
+    dp = sub.add_parser("data", help="shard build and streaming throughput, local and loopback S3 (needs the dev "
+                        "extra), and JPEG decode rates: PIL, torchvision on CPU, nvJPEG on a GPU")
     dp.add_argument("--images", type=int, default=2000, help="images in the generated LSUN-format LMDB")
     dp.add_argument("--resolution", type=int, default=64)
     dp.add_argument("--encodings", nargs="+", default=["jpg", "raw"])
@@ -48,7 +53,8 @@ def main() -> int:
     sp.add_argument("--resolution", type=int, default=64)
     sp.add_argument("--preset", default="examples", choices=["examples", "paper"])
     sp.add_argument("--batch", type=int, default=128, help="per-GPU batch of the modelled runs")
-    sp.add_argument("--gpu-tflops", type=float, default=100.0, help="achieved TFLOP/s of one GPU on our step")
+    sp.add_argument("--gpu-tflops", type=float, default=100.0,
+                    help="without a GPU: the assumed achieved TFLOP/s of one GPU on our step")
     sp.add_argument("--json", help="write the result to this file")
     args = p.parse_args()
     from dcgan_dist import bench
@@ -73,7 +79,14 @@ def main() -> int:
     elif args.what == "ray-overhead":
         rows = bench.bench_ray_overhead(args.steps, args.batch, args.resolution, args.log_every)
     else:
-        rows = bench.bench_data(args.images, args.resolution, args.encodings, args.workdir)
+        result = bench.bench_data(args.images, args.resolution, args.encodings, args.workdir)
+        print_table(result["stream"])
+        print()
+        print_table(result["decode"])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -59,3 +59,26 @@ def test_unreadable_and_mismatched_checkpoints(tmp_path):
     g16 = build_generator(big.model, 1)
     with pytest.raises(CheckpointError, match="model"):
         checkpoint.restore(checkpoint.load(tmp_path), g16, d, *make_optimizers(g16, d, big.train))
+
+
+def test_fp16_loss_scale_survives_a_resume(tmp_path):
+    cfg, g, d, opt_g, opt_d = fresh(0)
+    step = GANStep(g, d, opt_g, opt_d, cfg.model.nz, precision="fp16")
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    for _ in range(2):
+        step(real)
+    step.scaler.update(new_scale=512.0)  # as if overflows had halved it from 2**16
+    state = checkpoint.training_state(g, d, opt_g, opt_d, 2, [checkpoint.rng_state()], cfg.to_dict(),
+                                      scaler=step.scaler)
+    checkpoint.save(state, tmp_path)
+
+    _, g2, d2, og2, od2 = fresh(1)
+    resumed = GANStep(g2, d2, og2, od2, cfg.model.nz, precision="fp16")
+    checkpoint.restore_scaler(checkpoint.load(tmp_path), resumed.scaler)
+    assert resumed.scaler.get_scale() == 512.0
+    assert resumed.scaler.state_dict() == step.scaler.state_dict()
+
+    fp32_state = checkpoint.training_state(g, d, opt_g, opt_d, 2, [checkpoint.rng_state()], cfg.to_dict())
+    fresh_scaler = GANStep(g2, d2, og2, od2, cfg.model.nz, precision="fp16").scaler
+    checkpoint.restore_scaler(fp32_state, fresh_scaler)  # switched fp32 -> fp16: the default scale
+    assert fresh_scaler.get_scale() == 2.0 ** 16

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, tiny_overrides
 
@@ -71,6 +72,11 @@ def test_step_benchmark_writes_json_rows(tmp_path):
     assert rows[2]["options"] == "train.precision=bf16 train.fused_adam=true"
     assert all(row["resolution"] == 32 and row["batch"] == 8 and row["images_per_s"] > 0 for row in rows)
     assert rows[1]["ratio_vs_canonical"] > 0 and rows[2]["ratio_vs_canonical"] > 0
+    # FLOPs counted on the canonical step (G and D forward, backward), the same figure on every row
+    assert len({row["gflops_per_image"] for row in rows}) == 1
+    assert rows[0]["gflops_per_image"] == pytest.approx(0.42, abs=0.005)
+    assert all(0 < row["utilization"] == pytest.approx(row["tflops"] / row["bf16_peak_tflops"], rel=0.01)
+               for row in rows)
 
 
 def test_data_benchmark_runs_end_to_end(tmp_path):
@@ -78,10 +84,30 @@ def test_data_benchmark_runs_end_to_end(tmp_path):
     r = run_job("jobs/benchmark.py", "data", "--images", "120", "--resolution", "32", "--json", str(out),
                 "--workdir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    rows = result["stream"]
     assert [row["encoding"] for row in rows] == ["jpg", "raw"]
     assert all(row["stream_s3_images_per_s"] > 0 and row["build_images_per_s_per_core"] > 0 for row in rows)
     assert rows[1]["bytes_per_image"] > rows[0]["bytes_per_image"]  # raw arrays are bigger than JPEGs
+    decode = {(row["decoder"], row["device"]): row for row in result["decode"]}
+    assert set(decode) == {("pil", "cpu"), ("torchvision", "cpu"), ("nvjpeg", "cuda")}
+    for key in (("pil", "cpu"), ("torchvision", "cpu")):  # every JPEG of the shards decoded
+        assert decode[key]["images"] == 120 and decode[key]["images_per_s"] > 0 and decode[key]["decode_vs_step"] > 0
+    gpu = decode["nvjpeg", "cuda"]
+    assert gpu["images_per_s"] > 0 if torch.cuda.is_available() else "no CUDA device" in gpu["note"]
+
+
+def test_scaling_benchmark_measures_and_models(tmp_path):
+    out = tmp_path / "scaling.json"
+    r = run_job("jobs/benchmark.py", "scaling", "--resolution", "32", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    measured, model = result["measured"], result["model"]
+    assert measured["cpu_step_ms"] > 0 and measured["gloo_allreduce_fp32_ms_2ranks"] > 0
+    assert model["gpu_step_source"].startswith("measured" if torch.cuda.is_available() else "assumed")
+    assert {(row["link_gbps"], row["gradients"]) for row in model["rows"]} == {
+        (100, "fp32"), (100, "bf16 hook"), (400, "fp32"), (400, "bf16 hook")}
+    assert "eff_no_overlap" in r.stdout  # the table is printed
 
 
 def test_tune_and_evaluate_reject_bad_input_in_one_line(tmp_path):

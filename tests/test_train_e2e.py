@@ -70,7 +70,14 @@ def test_fast_options_train_two_ranks_in_sync(local_ray, tmp_path, digits_dir):
     digests = out.metrics["g_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]  # compressed allreduce: both ranks get the same mean
     assert all(np.isfinite(out.metrics[k]) for k in ("loss_d", "loss_g"))
-    assert MlflowClient(cfg.tracking.uri).get_run(out.run_id).data.tags["precision"] == "bf16"
+    client = MlflowClient(cfg.tracking.uri)
+    assert client.get_run(out.run_id).data.tags["precision"] == "bf16"
+    # allreduce time per step, measured by the comm hook on every rank: logged with the other metrics,
+    # buckets from G and D (at least one each), and inside the step's time
+    assert history(client, out.run_id, "allreduce_ms") == [2, 4, 6, 8]
+    assert out.metrics["allreduce_buckets"] >= 2
+    step_ms = 1e3 * cfg.train.batch_size * 2 / out.metrics["images_per_s"]
+    assert 0 < out.metrics["allreduce_ms"] < step_ms
 
 
 def test_worker_failure_resumes_from_checkpoint_without_repeating_steps(local_ray, tmp_path, digits_dir):
