@@ -34,7 +34,7 @@ bench-gpu: setup
 		--variant compiled=train.compile=default --variant graphs=train.compile=reduce-overhead \
 		--json outputs/bench/step_compile.json
 	$(BIN)/python jobs/benchmark.py scaling --json outputs/bench/scaling.json
-	$(BIN)/python jobs/benchmark.py data --images 4000 --json outputs/bench/data.json
+	$(BIN)/python jobs/benchmark.py data --json outputs/bench/data.json
 
 clean:
 	rm -rf $(VENV) data/ mlflow.db ray_results/ outputs/
