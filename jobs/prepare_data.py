@@ -3,6 +3,7 @@
     python jobs/prepare_data.py digits --out data/digits-32
     python jobs/prepare_data.py lsun ~/lsun/bedroom_train_lmdb --out s3://my-bucket/lsun/bedroom-64/
     python jobs/prepare_data.py folder ~/photos --out data/photos-64 --encoding png
+    python jobs/prepare_data.py folder ~/imagenette/train --labels subfolders --out data/imagenette-64
     python jobs/prepare_data.py cifar10 ~/cifar-10-batches-py --out data/cifar10-32 --resolution 32
 
 Re-running the same command after an interruption keeps finished shards and builds the rest.
@@ -30,6 +31,9 @@ def main() -> int:
             s.add_argument("path", help="where the source lies")
         if name == "cifar10":
             s.add_argument("--split", choices=["train", "test", "all"], default="train")
+        if name == "folder":
+            s.add_argument("--labels", choices=["none", "subfolders"], default="none",
+                           help="subfolders: PATH/CLASS/... gives every image its class label (for feature-svm)")
         s.add_argument("--out", required=True, help="a local folder or s3://bucket/prefix/")
         default_res = 32 if name in ("digits", "cifar10") else 64
         s.add_argument("--resolution", type=int, default=default_res, help=f"side in pixels (default {default_res})")
@@ -43,6 +47,8 @@ def main() -> int:
         source = sources.Digits()
     elif args.source == "cifar10":
         source = sources.Cifar10(args.path, args.split)
+    elif args.source == "folder":
+        source = sources.Folder(args.path, args.labels)
     else:
         source = sources.SOURCES[args.source](args.path)
     m = shards.build_shards(source, args.out, resolution=args.resolution, encoding=args.encoding,

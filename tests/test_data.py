@@ -51,6 +51,32 @@ def test_folder_source_skips_and_names_corrupt_images(tmp_path, caplog):
     assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.uint8
 
 
+def test_folder_labels_from_subfolders_reach_the_shards(tmp_path):
+    from dcgan_dist.experiments.common import read_labeled
+
+    src = tmp_path / "pets"
+    colors = {"cat": (250, 0, 0), "dog": (0, 0, 250)}
+    for name, color in colors.items():
+        for i in range(3):
+            write_image(src / name / f"{i}.png", (40, 40), color)
+            write_image(src / name / "deeper" / f"{i}.jpg", (40, 40), color)  # the top-level folder decides
+    m = shards.build_shards(sources.Folder(src, labels="subfolders"), str(tmp_path / "out"), resolution=32,
+                            encoding="png", workers=1, progress=False)
+    assert m["classes"] == ["cat", "dog"] and m["num_images"] == 12
+    images, labels = read_labeled(str(tmp_path / "out"), 12, channels=3, resolution=32)
+    for img, label in zip(images, labels):
+        red = img[0].float().mean() > img[2].float().mean()
+        assert label.item() == (0 if red else 1)  # cat images are red, dog images blue
+    assert sorted(labels.tolist()) == [0] * 6 + [1] * 6
+
+    unlabeled = shards.build_shards(sources.Folder(src), str(tmp_path / "plain"), resolution=32, workers=1,
+                                    progress=False)
+    assert unlabeled["classes"] is None
+    write_image(src / "stray.png", (40, 40))
+    with pytest.raises(DataError, match="stray.png is not inside a class subfolder"):
+        sources.Folder(src, labels="subfolders")
+
+
 def test_resize_center_crop_keeps_the_center():
     img = Image.new("RGB", (300, 100), (0, 0, 0))
     img.paste((255, 255, 255), (100, 0, 200, 100))  # a white center square

@@ -192,6 +192,7 @@ def build_shards(source: Source, out: str, *, resolution: int, encoding: str = "
         "source": source.name,
         "resolution": resolution,
         "channels": source.channels,
+        "classes": source.classes,
         "encoding": encoding,
         "num_images": sum(s["count"] for s in shards),
         "num_shards": len(shards),

@@ -37,6 +37,7 @@ class Source:
     name = "source"
     channels = 3
     total: int | None = None
+    classes: list[str] | None = None  # label i names classes[i]; None for unlabeled sources
 
     def records(self) -> Iterator[tuple[str, object]]:
         raise NotImplementedError
@@ -55,6 +56,7 @@ class Digits(Source):
     """scikit-learn's bundled 1,797 real 8x8 handwritten digits, upscaled, grayscale, with labels."""
 
     name, channels = "digits", 1
+    classes = [str(i) for i in range(10)]
 
     def __init__(self):
         from sklearn.datasets import load_digits
@@ -74,29 +76,45 @@ class Digits(Source):
 
 
 class Folder(Source):
-    """Every JPEG/PNG/WebP under a folder (recursive, sorted), as RGB; keys are relative paths."""
+    """Every JPEG/PNG/WebP under a folder (recursive, sorted), as RGB; keys are relative paths.
+
+    With `labels="subfolders"` the top-level subfolder is the class (ImageFolder's layout: root/cat/...,
+    root/dog/...), numbered in sorted name order, so features can be scored against labels.
+    """
 
     name = "folder"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, labels: str = "none"):
         self.root = Path(path)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist or is not a directory")
+        if labels not in ("none", "subfolders"):
+            raise DataError(f"folder labels must be none or subfolders, got {labels!r}")
         self.files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.files:
             raise DataError(f"image folder {self.root} holds no {'/'.join(IMAGE_SUFFIXES)} files")
         self.total = len(self.files)
+        self.label_of: dict[str, int] | None = None
+        if labels == "subfolders":
+            loose = [f for f in self.files if "/" not in f]
+            if loose:
+                raise DataError(f"labels from subfolders: {self.root / loose[0]} is not inside a class subfolder "
+                                f"({len(loose)} such file(s)); move them or build without labels")
+            self.classes = sorted({f.split("/", 1)[0] for f in self.files})
+            self.label_of = {c: i for i, c in enumerate(self.classes)}
 
     def records(self):
         for rel in self.files:
-            yield rel, str(self.root / rel)
+            label = self.label_of[rel.split("/", 1)[0]] if self.label_of else None
+            yield rel, (str(self.root / rel), label)
 
     def __getstate__(self):  # workers only need `load`: don't ship a million paths to each
         return {**self.__dict__, "files": []}
 
     def load(self, raw, resolution):
-        return self._decode(Path(raw).read_bytes(), resolution), None
+        path, label = raw
+        return self._decode(Path(path).read_bytes(), resolution), label
 
 
 class Lsun(Source):
@@ -132,6 +150,7 @@ class Cifar10(Source):
     """CIFAR-10's python-pickle batches as distributed (data_batch_1..5, then test_batch), with labels."""
 
     name = "cifar10"
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
     def __init__(self, path: str | Path, split: str = "train"):
         self.root = Path(path)

@@ -63,7 +63,7 @@ def read_labeled(url: str, n: int, *, channels: int, resolution: int) -> tuple[t
                 for key, sample in iter_tar(f):
                     if "cls" not in sample:
                         raise DataError(f"{url}: sample {key} in {shard} has no class label (cls); "
-                                        "build the shards from a labeled source")
+                                        "build the shards from a labeled source (digits, cifar10, folder --labels subfolders)")
                     images.append(decode_sample(sample, channels, resolution))
                     labels.append(int(sample["cls"]))
                     if len(images) == n:
