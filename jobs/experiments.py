@@ -14,6 +14,7 @@ import argparse
 import importlib
 
 from dcgan_dist.cli import config_parser, parse_config, run_main
+from dcgan_dist.errors import DcganError
 
 MODULES = ["latent_walk", "vector_arithmetic", "feature_svm", "guided_backprop", "label_boxes", "forget",
            "nearest_neighbors"]
@@ -52,6 +53,9 @@ def main() -> int:
     out = ExperimentRun(cfg, nets, module.NAME, folder, {**params, "model_version": nets.uri})
     try:
         summary = module.run(args, nets, out)
+    except DcganError:  # a bad argument or input: leave no run behind
+        out.discard()
+        raise
     except BaseException:
         out.fail()
         raise

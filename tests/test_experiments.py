@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from PIL import Image
 
 from conftest import experiments_job, run_experiment
@@ -110,11 +111,13 @@ def test_bad_arguments_give_one_line_errors(digits_model, tmp_path):
     assert r.returncode == 2 and "error: --a: expected comma-separated integers" in r.stderr
     r = experiments_job(tracking_uri, "latent-walk", "--model", "dcgan-generator", "--out", str(tmp_path / "z"))
     assert r.returncode == 2 and "expected models:/NAME@ALIAS or models:/NAME/VERSION" in r.stderr
-    # The failed runs are marked FAILED, not left RUNNING.
+    # Bad input leaves nothing behind: the runs it opened are deleted, the empty output folder removed.
     client = MlflowClient(tracking_uri)
-    failed = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id],
-                                "tags.`dcgan.experiment` = 'vector-arithmetic'")
-    assert failed and all(run.info.status in ("FAILED", "FINISHED") for run in failed)
+    experiment = client.get_experiment_by_name("dcgan").experiment_id
+    query = "tags.`dcgan.experiment` = 'vector-arithmetic'"
+    assert all(run.info.status == "FINISHED" for run in client.search_runs([experiment], query))
+    assert len(client.search_runs([experiment], query, run_view_type=ViewType.DELETED_ONLY)) == 2
+    assert not (tmp_path / "y").exists()
 
 
 def test_a_version_without_stored_networks_is_named(digits_model):

@@ -157,3 +157,10 @@ class ExperimentRun:
 
     def fail(self) -> None:
         self.client.set_terminated(self.run_id, "FAILED")
+
+    def discard(self) -> None:
+        """Bad input, nothing measured: delete the run, and the output folder if nothing is in it."""
+        self.client.set_terminated(self.run_id, "FAILED")
+        self.client.delete_run(self.run_id)
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()

@@ -34,16 +34,17 @@ def arithmetic(z: torch.Tensor, a: list[int], b: list[int], c: list[int]) -> tor
 def run(args, nets, out) -> str:
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
+    given = [args.a, args.b, args.c]
+    if any(given) and not all(given):
+        raise ConfigError("vector-arithmetic: give all of --a, --b and --c (or none, for the sample sheet)")
+    picks = [parse_indices(text, f"--{name}", args.num) for text, name in zip(given, "abc")] if all(given) else None
     z = seeded_z(args.num, nets.model.nz, args.seed)
     samples = generate(nets.g, z)
     out.picture("sheet.png", numbered_grid(samples, nrow=8))
-    given = [args.a, args.b, args.c]
-    if not any(given):
+    if picks is None:
         return out.finish(f"sample sheet of {args.num} (seed {args.seed}): {out.folder / 'sheet.png'}\n"
                           "pick indices and run again with --a I,J,K --b ... --c ... (same --seed and --num)")
-    if not all(given):
-        raise ConfigError("vector-arithmetic: give all of --a, --b and --c (or none, for the sample sheet)")
-    a, b, c = (parse_indices(text, f"--{name}", args.num) for text, name in zip(given, "abc"))
+    a, b, c = picks
     y = arithmetic(z, a, b, c)
     noise = (torch.rand(args.neighbours, z.shape[1], generator=torch.Generator().manual_seed(args.seed + 1)) * 2 - 1)
     result = generate(nets.g, torch.cat([y[None], y[None] + args.scale * noise]))
