@@ -57,17 +57,17 @@ def main() -> int:
                     help="without a GPU: the assumed achieved TFLOP/s of one GPU on our step")
     sp.add_argument("--json", help="write the result to this file")
     args = p.parse_args()
-    from dcgan_dist import bench
+    from dcgan_dist.bench import data, ray_overhead, scaling, step
 
     if args.what == "step":
         variants = {}
         for v in args.variant:
             name, _, overrides = v.partition("=")
             variants[name] = [o for o in overrides.split(",") if o]
-        rows = bench.bench_step(args.resolutions, args.batches, args.preset, steps=args.steps, repeats=args.repeats,
+        rows = step.bench_step(args.resolutions, args.batches, args.preset, steps=args.steps, repeats=args.repeats,
                                 device=args.device, variants=variants)
     elif args.what == "scaling":
-        result = bench.bench_scaling(args.resolution, args.preset, args.batch, args.gpu_tflops)
+        result = scaling.bench_scaling(args.resolution, args.preset, args.batch, args.gpu_tflops)
         print(json.dumps(result["measured"], indent=2))
         print(f"model: {json.dumps({k: v for k, v in result['model'].items() if k != 'rows'})}")
         rows = result["model"]["rows"]
@@ -77,9 +77,9 @@ def main() -> int:
         print_table(rows)
         return 0
     elif args.what == "ray-overhead":
-        rows = bench.bench_ray_overhead(args.steps, args.batch, args.resolution, args.log_every)
+        rows = ray_overhead.bench_ray_overhead(args.steps, args.batch, args.resolution, args.log_every)
     else:
-        result = bench.bench_data(args.images, args.resolution, args.encodings, args.workdir)
+        result = data.bench_data(args.images, args.resolution, args.encodings, args.workdir)
         print_table(result["stream"])
         print()
         print_table(result["decode"])

@@ -1,0 +1,85 @@
+"""Ray Train's cost: `python jobs/train.py` (1 worker) against the same step in a plain loop, and startup time."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dcgan_dist.config import load_config
+from dcgan_dist.models import build_discriminator, build_generator
+from dcgan_dist.step import GANStep, compile_models, make_optimizers, resolve_precision, to_layout
+
+
+def _plain_loop_rate(cfg, steps: int, warmup: int) -> float:
+    """images/s of the training step in a plain loop: same model, data path, options and batch as training."""
+    from dcgan_dist.data.loader import make_batches, resolve_shards, to_model_input
+
+    m, t = cfg.model, cfg.train
+    torch.manual_seed(t.seed)
+    g, d = to_layout(t.channels_last, build_generator(m, m.nc), build_discriminator(m, m.nc))
+    compile_models(t.compile, g, d)
+    step = GANStep(g, d, *make_optimizers(g, d, t), m.nz, resolve_precision(t.precision, torch.device("cpu")))
+    batches = make_batches(resolve_shards(cfg.data.url), channels=m.nc, resolution=m.resolution,
+                           batch_size=t.batch_size, seed=t.seed, num_workers=cfg.data.num_workers,
+                           shuffle_buffer=cfg.data.shuffle_buffer)
+    for _ in range(warmup):
+        step(to_layout(t.channels_last, to_model_input(next(batches), "cpu"))[0])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(to_layout(t.channels_last, to_model_input(next(batches), "cpu"))[0])
+    return steps * t.batch_size / (time.perf_counter() - t0)
+
+
+def bench_ray_overhead(steps: int = 300, batch: int = 64, resolution: int = 32, log_every: int = 25,
+                       workdir: str | None = None) -> list[dict]:
+    """`python jobs/train.py` (Ray Train, 1 worker, CPU) vs the same steps in a plain loop.
+
+    Steady state: the median of training's own images/s windows after the first, against the plain
+    loop's rate. Startup: from launching `python jobs/train.py` to the MLflow timestamp of step 1.
+    """
+    import os
+    import statistics
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from dcgan_dist import tracking
+    from dcgan_dist.trainer import prepare_inputs
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="dcgan-bench-ray-"))
+    cpus = os.cpu_count() or 1
+    base = [f"model.resolution={resolution}", f"train.batch_size={batch}", "ray.num_workers=1",
+            f"ray.cpus_per_worker={cpus}", "train.eval_every=0", "train.sample_every=0", "tracking.register=false",
+            f"ray.storage_path={work / 'ray'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
+    cfg = prepare_inputs(load_config(overrides=base))
+    rows = []
+    for name, extra in (("startup", ["train.steps=2", "train.log_every=1", "train.checkpoint_every=2"]),
+                        ("steady", [f"train.steps={steps}", f"train.log_every={log_every}",
+                                    f"train.checkpoint_every={steps}"])):
+        run_name = f"bench-{name}-{int(time.time())}"
+        argv = [x for o in [*base, f"data.url={cfg.data.url}", f"train.run_name={run_name}", *extra]
+                for x in ("--set", o)]
+        t0 = time.time()
+        train_py = Path(__file__).resolve().parents[2] / "jobs" / "train.py"
+        subprocess.run([sys.executable, str(train_py), *argv], check=True, capture_output=True,
+                       env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
+        wall = time.time() - t0
+        client = MlflowClient(cfg.tracking.uri)
+        run_id = tracking.find_run(cfg, run_name)
+        if name == "startup":
+            first = min(m.timestamp for m in client.get_metric_history(run_id, "loss_d"))
+            rows.append({"name": "time_to_first_step_s", "value": round(first / 1000 - t0, 2),
+                         "total_wall_s": round(wall, 1)})
+            continue
+        windows = [m.value for m in sorted(client.get_metric_history(run_id, "images_per_s"), key=lambda m: m.step)]
+        ray_ips = statistics.median(windows[1:]) if len(windows) > 1 else windows[0]
+        plain_ips = _plain_loop_rate(cfg, steps, warmup=10)
+        rows.append({"name": "steady_state", "steps": steps, "batch": batch, "resolution": resolution,
+                     "threads": cpus, "ray_images_per_s": round(ray_ips, 1), "plain_images_per_s": round(plain_ips, 1),
+                     "ratio_ray_vs_plain": round(ray_ips / plain_ips, 3), "windows": len(windows),
+                     "total_wall_s": round(wall, 1)})
+    return rows
