@@ -20,7 +20,7 @@ demo: setup
 	RAY_AUTH_MODE=disabled $(BIN)/python jobs/train.py
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=15
 
 bench: setup
 	$(BIN)/python jobs/benchmark.py step

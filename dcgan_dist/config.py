@@ -63,7 +63,7 @@ class TrainConfig:
     checkpoint_every: int = doc("steps between checkpoints (metrics reach MLflow with each checkpoint)", 100)
     sample_every: int = doc("steps between 8x8 sample grids (0 = only at the end)", 100)
     run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "")
-    sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics", False)
+    sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics (GPU only)", False)
     channels_last: bool = doc("NHWC memory layout for G, D and batches (1.3x faster convolutions on CPU)", True)
     precision: str = doc("auto (bf16 where the hardware has it natively, else fp32), fp32, bf16 (autocast) or fp16 "
                          "(autocast + grad scaler); weights and Adam stay fp32", "auto")
@@ -72,7 +72,6 @@ class TrainConfig:
                        "falls back to eager where compilation fails", "none")
     eval_every: int = doc("steps between quality evaluations, each also a checkpoint (0 = never)", 100)
     ema_decay: float = doc("generator weight EMA decay, evaluated and exported when on (0 = off; 0.999 typical)", 0.0)
-    fail_at_step: int = doc("testing aid: raise once at this step in the first attempt (0 = never)", 0)
 
 
 @dataclass
@@ -285,10 +284,11 @@ def validate(cfg: Config) -> Config:
         _check(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
-    _check(t.fail_at_step >= 0, "train.fail_at_step", f"must be >= 0, got {t.fail_at_step}")
     _check("/" not in t.run_name, "train.run_name", f"must not contain '/', got {t.run_name!r}")
     _check(t.compile in COMPILE_MODES, "train.compile", f"must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    _check(not t.sync_batchnorm or r.use_gpu, "train.sync_batchnorm",
+           "needs ray.use_gpu=true (PyTorch's SyncBatchNorm runs on GPUs only; CPU ranks keep per-rank statistics)")
     _check(r.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {r.num_workers}")
     _check(r.ddp_bucket_mb >= 1, "ray.ddp_bucket_mb", f"must be >= 1, got {r.ddp_bucket_mb}")
     _check(r.grad_compression in ("none", "bf16", "fp16"), "ray.grad_compression",

@@ -46,13 +46,24 @@ def redact(value: object) -> str:
     return re.sub(r"(?<=://)[^/@\s]+@", "***@", str(value))
 
 
+def artifact_location(uri: str) -> str | None:
+    """For a sqlite store, artifacts go in `mlartifacts/` beside the database file, not in whatever folder the
+    first run happened to start in (MLflow's default is `./mlruns` of the current directory)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix + "/"):
+        return (Path(uri[len(prefix):]).parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides (its --artifacts-destination)
+
+
 def experiment_id(cfg: Config) -> str:
     uri = cfg.tracking.uri
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     try:
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        return exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+        if exp:
+            return exp.experiment_id
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(uri))
     except MlflowException as e:
         raise TrackingError(f"tracking.uri {uri!r}: cannot reach MLflow ({e.message.splitlines()[0]})") from None
 
@@ -118,8 +129,9 @@ class RunLogger:
     """
 
     def __init__(self, uri: str, run_id: str, *, max_held: int = 200_000, retry_s: float = 5.0,
-                 close_timeout_s: float = 60.0):
+                 close_timeout_s: float = 60.0, skip_logged: bool = False):
         self.client, self.run_id, self.uri = MlflowClient(uri), run_id, redact(uri)
+        self.logged_until = 0  # steps up to here are already in the run and are not sent again
         self.pending: list[Metric] = []  # since the last checkpoint
         self._tags: dict[str, str] = {}
         self.max_held, self.retry_s, self.close_timeout_s = max_held, retry_s, close_timeout_s
@@ -129,6 +141,20 @@ class RunLogger:
         self.dropped = 0
         self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._sender.start()
+        if skip_logged:
+            # A report can return before Ray's controller registers its checkpoint, so a crash in between
+            # resumes from an older checkpoint and redoes steps whose metrics were already sent. Read where
+            # the run stands first (in the sender, so an unreachable server stalls nothing).
+            self._enqueue(0, self._read_logged_until)
+
+    def _read_logged_until(self) -> None:
+        history = self.client.get_metric_history(self.run_id, "loss_d")
+        self.logged_until = max((m.step for m in history), default=0)
+
+    def _send_metrics(self, batch: list[Metric]) -> None:
+        fresh = [m for m in batch if m.step > self.logged_until]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
 
     def _enqueue(self, n_metrics: int, send: Callable[[], None]) -> None:
         with self._cond:
@@ -179,7 +205,7 @@ class RunLogger:
         """Hand buffered metrics to the sender; called right after a checkpoint is persisted."""
         for i in range(0, len(self.pending), 1000):  # MLflow's per-request limit
             batch = self.pending[i : i + 1000]
-            self._enqueue(len(batch), lambda b=batch: self.client.log_batch(self.run_id, metrics=b))
+            self._enqueue(len(batch), lambda b=batch: self._send_metrics(b))
         self.pending = []
 
     def set_tags(self, tags: dict[str, str]) -> None:

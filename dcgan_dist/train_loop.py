@@ -153,7 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step_fn = GANStep(g, d, opt_g, opt_d, m.nz, precision)
     if restored:
         checkpoint.restore_scaler(state, step_fn.scaler)
-    logger = RunLogger(cfg.tracking.uri, loop_config["mlflow_run_id"]) if rank == 0 else None
+    logger = RunLogger(cfg.tracking.uri, loop_config["mlflow_run_id"], skip_logged=True) if rank == 0 else None
     if logger:
         logger.set_tags({"precision": precision, "device": str(device)})  # what `auto` became, where it ran
     evaluator = None
@@ -166,8 +166,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sums = torch.zeros(len(METRICS), device=device)
     window_steps, window_start = 0, time.perf_counter()
     for step in range(start, t.steps + 1):
-        if step == t.fail_at_step and not restored:
-            raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
         (real,) = to_layout(t.channels_last, to_model_input(next(batches), device))
         out = step_fn(real)
         if ema:

@@ -1,8 +1,15 @@
-"""Shared fixtures: real shards, a real local Ray cluster, a real sqlite MLflow store. No mocks."""
+"""Shared fixtures: real shards, one real local Ray cluster for the session, real sqlite MLflow stores. No mocks."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import runpy
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +22,18 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray cluster for every in-process test that trains (starting one costs ~10 s). The dashboard
+    stays on: Train cleans up stopped trials through its state API (PITFALLS). Yields the GCS address, which
+    job subprocesses join through RAY_ADDRESS instead of starting their own cluster."""
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +71,51 @@ def tiny_overrides(tmp: Path, digits: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def sets(overrides: list[str]) -> list[str]:
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]: overrides as a job's command line."""
+    return [x for o in overrides for x in ("--set", o)]
+
+
+@dataclass
+class JobResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_job(script: str, *argv: str, cwd: Path | None = None) -> JobResult:
+    """`python jobs/SCRIPT ARGV` as a user runs it, but in this process: the same argument parsing, error
+    handling and exit code, without paying ~10 s of imports per call. `cwd` is where relative outputs land."""
+    out, err = io.StringIO(), io.StringIO()
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = [str(REPO / "jobs" / script), *argv]
+    code = 0
+    try:
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    return JobResult(code, out.getvalue(), err.getvalue())
+
+
+def job_subprocess(script: str, *argv: str, cwd: Path | None = None, env: dict | None = None,
+                   timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python jobs/SCRIPT ARGV` in a fresh interpreter: for the command-line contract itself (exit code,
+    one line on stderr, no traceback), once per job."""
+    return subprocess.run([sys.executable, str(REPO / "jobs" / script), *argv], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
 @pytest.fixture(scope="session")
-def digits_model(tmp_path_factory, digits_dir):
-    """A small DCGAN trained on the digits for a few hundred steps in-process, registered as a real
-    model version in a sqlite MLflow store: what the experiments run on. Returns (tracking uri, model uri)."""
+def digits_store(tmp_path_factory, digits_dir):
+    """A small DCGAN trained on the digits for a few hundred steps in-process, registered as a real model
+    version (the champion) in a sqlite MLflow store. Built once; tests use a private copy (`digits_model`)."""
     import torch
 
     from dcgan_dist import checkpoint, tracking
@@ -82,7 +142,18 @@ def digits_model(tmp_path_factory, digits_dir):
     state = checkpoint.training_state(g, d, opt_g, opt_d, steps, [checkpoint.rng_state()], {})
     version, _ = register(cfg, run_id, state)
     tracking.end_run(cfg, run_id)
-    return cfg.tracking.uri, f"models:/{cfg.tracking.model_name}/{version}"
+    return tmp / "mlflow.db", f"models:/{cfg.tracking.model_name}/{version}"
+
+
+@pytest.fixture
+def digits_model(digits_store, tmp_path):
+    """(tracking uri, model uri) of the trained digits model in a store of this test's own: a copy of the
+    session's database, so the runs a test creates (and counts) are its own whatever ran before it."""
+    db, model_uri = digits_store
+    own = tmp_path / "store" / "mlflow.db"
+    own.parent.mkdir()
+    shutil.copy(db, own)
+    return f"sqlite:///{own}", model_uri
 
 
 def run_experiment(tracking_uri: str, model_uri: str, module, folder, **kwargs):
@@ -100,11 +171,9 @@ def run_experiment(tracking_uri: str, model_uri: str, module, folder, **kwargs):
     return module.run(args, nets, out), out
 
 
-def experiments_job(tracking_uri: str, *argv: str):
-    """`python jobs/experiments.py ARGV --set tracking.uri=...` as a user runs it; the CompletedProcess."""
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "jobs/experiments.py", *argv, "--set", f"tracking.uri={tracking_uri}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+def experiments_job(tracking_uri: str, *argv: str, cwd: Path | None = None) -> JobResult:
+    """`python jobs/experiments.py ARGV --set tracking.uri=...` as a user runs it (in-process); the default
+    output folder (outputs/...) lands under `cwd`, never in the repository."""
+    if cwd is None:
+        raise ValueError("experiments_job needs a cwd: the default --out is relative to it")
+    return run_job("experiments.py", *argv, "--set", f"tracking.uri={tracking_uri}", cwd=cwd)

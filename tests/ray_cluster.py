@@ -21,6 +21,12 @@ from conftest import free_port
 BIN = Path(sys.executable).parent
 
 
+def ports() -> list[str]:
+    """Free ports for what Ray would otherwise bind at fixed defaults (the agent's 52365, the client server's
+    10001), so this cluster can run beside the session's shared one."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+
+
 class LocalRayCluster:
     def __init__(self, num_cpus: int = 2, extra_args: tuple[str, ...] = (), env: dict | None = None,
                  gcs_port: int | None = None, ready_headers: dict | None = None):
@@ -33,7 +39,7 @@ class LocalRayCluster:
             [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
              f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-             f"--temp-dir={self.temp_dir}", *extra_args],
+             f"--temp-dir={self.temp_dir}", *ports(), *extra_args],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
         )
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
@@ -68,9 +74,9 @@ class LocalRayCluster:
         return [int(pid) for pid in out.split()]
 
     def stop(self) -> None:
-        try:
+        try:  # `ray start --block` shuts its node down on SIGTERM; a test does not wait long for that
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=5)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:

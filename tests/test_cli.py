@@ -1,23 +1,41 @@
-"""The jobs as a user runs them: bad input ends in one clear line and exit code 2, never a traceback."""
+"""The jobs as a user runs them: bad input ends in one clear line and exit code 2, never a traceback; the success
+paths of prepare_data, evaluate and --config FILE; the benchmarks' JSON.
+
+The command-line contract itself (a fresh interpreter, its exit code and stderr) is checked once per job through a
+subprocess; every other case runs the same job in-process (`run_job`), which parses, fails and exits the same way.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+from conftest import job_subprocess, run_job, sets, tiny_overrides
 
 
-def run_job(*args, cwd=REPO, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def assert_one_line_error(r, needle: str) -> None:
+    assert r.returncode == 2, (r.stdout + r.stderr)[-2000:]
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
-def sets(overrides):
-    return [x for o in overrides for x in ("--set", o)]
+def test_every_job_fails_bad_input_with_one_line_and_exit_code_2(tmp_path):
+    """One real subprocess per job: what the user's shell sees."""
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cases = [
+        (("train.py", "--set", "train.stepz=5"), "error: unknown config key 'train.stepz'"),
+        (("prepare_data.py", "folder", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")), "does not exist"),
+        (("tune.py", "--set", f"tune.space={tmp_path / 'nope.yaml'}"), "tune.space: search-space file"),
+        (("evaluate.py", "--model", "models:/nope@champion", "--set", f"tracking.uri={db}"),
+         "models:/nope@champion: no such registered model version"),
+        (("benchmark.py", "step", "--variant", "bf16=train.precision=fp8"), "train.precision: must be one of"),
+    ]
+    for argv, needle in cases:
+        r = job_subprocess(*argv, cwd=tmp_path)
+        assert_one_line_error(r, needle)
+        lines = r.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and sum(x.startswith("error") for x in lines) == 1, r.stderr
 
 
 @pytest.mark.parametrize(
@@ -26,63 +44,140 @@ def sets(overrides):
         ("train.stepz=5", "unknown config key 'train.stepz'"),
         ("train.steps=lots", "train.steps: expected an integer, got 'lots'"),
         ("train.lr_g=fast", "train.lr_g: expected a number"),
+        ("train.sync_batchnorm=true", "train.sync_batchnorm: needs ray.use_gpu=true"),
     ],
 )
-def test_train_rejects_bad_config(override, needle):
-    r = run_job("jobs/train.py", "--set", override)
-    assert r.returncode == 2
-    assert needle in r.stderr and "Traceback" not in r.stderr
+def test_train_rejects_bad_config(override, needle, tmp_path):
+    assert_one_line_error(run_job("train.py", "--set", override, cwd=tmp_path), needle)
 
 
-def test_train_rejects_bad_data_before_starting_ray(tmp_path, digits_dir):
+def test_train_rejects_bad_data_and_weights_before_starting_ray(tmp_path, digits_dir):
     (tmp_path / "empty").mkdir()
+    bad = tmp_path / "inception.pth"
+    bad.write_bytes(b"not weights")
     cases = [
         (tiny_overrides(tmp_path, tmp_path / "missing"), "does not exist; build shards with"),
         (tiny_overrides(tmp_path, tmp_path / "empty"), "holds no manifest.json and no *.tar shards"),
         (tiny_overrides(tmp_path, digits_dir, **{"model.resolution": 64}), "model.resolution is 64 but the shards"),
+        (tiny_overrides(tmp_path, digits_dir, **{"metrics.inception_weights": tmp_path / "missing.pth"}),
+         "metrics.inception_weights"),
+        (tiny_overrides(tmp_path, digits_dir, **{"metrics.inception_weights": bad}), "sha256"),
     ]
     for overrides, needle in cases:
-        r = run_job("jobs/train.py", *sets(overrides))
-        assert r.returncode == 2, r.stderr[-2000:]
-        assert needle in r.stderr and "Traceback" not in r.stderr
-        assert "Started a local Ray instance" not in r.stderr + r.stdout
+        assert_one_line_error(run_job("train.py", *sets(overrides), cwd=tmp_path), needle)
+    # The inputs are checked before the MLflow run is created, which comes before Ray is started.
+    assert not (tmp_path / "mlflow.db").exists(), "a job with bad input went on to tracking and Ray"
 
 
-def test_help_config_lists_every_key():
-    r = run_job("jobs/train.py", "--help-config")
+def test_a_config_file_reaches_the_job_and_set_wins_over_it(tmp_path, digits_dir):
+    """--config FILE through a job: its values are used, --set overrides them, and a bad key in it is named."""
+    good = tmp_path / "run.yaml"
+    good.write_text("train:\n  steps: 3\n  lr_g: fast\n")
+    r = run_job("train.py", "--config", str(good), *sets(tiny_overrides(tmp_path, digits_dir)), cwd=tmp_path)
+    assert_one_line_error(r, "train.lr_g: expected a number, got 'fast'")  # the file's value was read
+    good.write_text("model:\n  resolution: 64\n")
+    r = run_job("train.py", "--config", str(good), *sets(tiny_overrides(tmp_path, digits_dir)), cwd=tmp_path)
+    assert_one_line_error(r, "model.resolution is 64 but the shards")  # the file's value reached the data check
+    r = run_job("train.py", "--config", str(good), *sets(tiny_overrides(tmp_path, digits_dir)),
+                "--set", "model.resolution=48", cwd=tmp_path)
+    assert_one_line_error(r, "model.resolution: must be one of")  # --set came after the file
+    r = run_job("train.py", "--config", str(tmp_path / "none.yaml"), cwd=tmp_path)
+    assert_one_line_error(r, f"config file {tmp_path / 'none.yaml'} does not exist")
+
+
+def test_help_config_lists_every_key(tmp_path):
+    r = run_job("train.py", "--help-config", cwd=tmp_path)
     assert r.returncode == 0 and "train.checkpoint_every" in r.stdout and "tracking.model_name" in r.stdout
 
 
-def test_prepare_data_digits_and_folder_errors(tmp_path):
-    r = run_job("jobs/prepare_data.py", "digits", "--out", str(tmp_path / "d"), "--shard-size", "900")
+def test_prepare_data_digits_folder_and_cifar10(tmp_path):
+    from PIL import Image
+
+    from test_s3_data import make_cifar
+
+    r = run_job("prepare_data.py", "digits", "--out", str(tmp_path / "d"), "--shard-size", "900", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert m["num_images"] == 1797 and m["num_shards"] == 2
-    r = run_job("jobs/prepare_data.py", "folder", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+    for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        (tmp_path / "photos" / "sub").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (80 + 10 * i, 60), color).save(tmp_path / "photos" / ("sub" if i else ".") / f"{i}.png")
+    r = run_job("prepare_data.py", "folder", str(tmp_path / "photos"), "--out", str(tmp_path / "f"), "--resolution",
+                "32", "--workers", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "3 images in 1 shard(s)" in r.stdout
+    m = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert (m["num_images"], m["channels"], m["resolution"], m["source"]) == (3, 3, 32, "folder")
+
+    make_cifar(tmp_path / "cifar-10-batches-py", per_batch=4)
+    r = run_job("prepare_data.py", "cifar10", str(tmp_path / "cifar-10-batches-py"), "--split", "all", "--out",
+                str(tmp_path / "c"), "--workers", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert (m["num_images"], m["channels"], m["source"]) == (24, 3, "cifar10")  # 6 batches of 4
+    assert m["classes"][:2] == ["airplane", "automobile"]
+
+
+def test_tune_and_evaluate_reject_bad_input_in_one_line(tmp_path):
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cases = [
+        (["tune.py", "--set", "tune.metric=fid"], "tune.metric: fid needs metrics.inception_weights"),
+        (["evaluate.py", "--model", "dcgan-generator"], "expected models:/NAME@ALIAS or models:/NAME/VERSION"),
+        (["evaluate.py", "--model", "models:/nope/3", "--set", f"tracking.uri={db}"],
+         "models:/nope/3: no such registered model version"),
+    ]
+    for argv, needle in cases:
+        assert_one_line_error(run_job(*argv, cwd=tmp_path), needle)
+
+
+def test_evaluate_job_scores_the_champion_on_other_data(digits_model, digits_dir, tmp_path):
+    """`jobs/evaluate.py --model ...@champion --data OTHER`: scored against the data asked for, logged and tagged."""
+    from mlflow import MlflowClient
+
+    from dcgan_dist.data import shards, sources
+    from dcgan_dist.data.loader import resolve_shards
+    from dcgan_dist.metrics.registry import Protocol
+
+    tracking_uri, _ = digits_model
+    other = tmp_path / "digits-other"
+    shards.build_shards(sources.Digits(), str(other), resolution=32, encoding="png", shard_size=900, progress=False)
+    r = run_job("evaluate.py", "--model", "models:/dcgan-generator@champion", "--data", str(other),
+                "--set", f"tracking.uri={tracking_uri}", "--set", "metrics.num_images=64",
+                "--set", f"metrics.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"on {other}" in r.stdout and "swd" in r.stdout
+    client = MlflowClient(tracking_uri)
+    mv = client.get_model_version_by_alias("dcgan-generator", "champion")
+    protocol = Protocol.from_key(mv.tags["protocol.swd"])
+    assert protocol.data == resolve_shards(str(other)).fingerprint != resolve_shards(str(digits_dir)).fingerprint
+    assert protocol.num_fake == 64 and float(mv.tags["metric.swd"]) > 0
 
 
 def test_step_benchmark_writes_json_rows(tmp_path):
     out = tmp_path / "step.json"
-    r = run_job("jobs/benchmark.py", "step", "--resolutions", "32", "--batches", "8", "--steps", "1",
-                "--repeats", "1", "--variant", "bf16=train.precision=bf16,train.fused_adam=true", "--json", str(out))
+    r = run_job("benchmark.py", "step", "--resolutions", "32", "--batches", "8", "--steps", "1", "--repeats", "1",
+                "--variant", "bf16=train.precision=bf16,train.fused_adam=true", "--json", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [row["name"] for row in rows] == ["canonical", "ours", "bf16"]
     assert rows[2]["options"] == "train.precision=bf16 train.fused_adam=true"
     assert all(row["resolution"] == 32 and row["batch"] == 8 and row["images_per_s"] > 0 for row in rows)
-    assert rows[1]["ratio_vs_canonical"] > 0 and rows[2]["ratio_vs_canonical"] > 0
-    # FLOPs counted on the canonical step (G and D forward, backward), the same figure on every row
+    assert rows[1]["ratio_vs_canonical"] > 0
+    # FLOPs counted on the canonical step (G and D forward and backward), the same figure on every row; the
+    # FlopCounter's count at 32x32 (ngf = ndf = 64) is about 0.42 GFLOPs per image.
     assert len({row["gflops_per_image"] for row in rows}) == 1
     assert rows[0]["gflops_per_image"] == pytest.approx(0.42, abs=0.005)
-    assert all(0 < row["utilization"] == pytest.approx(row["tflops"] / row["bf16_peak_tflops"], rel=0.01)
-               for row in rows)
+    # Achieved TFLOP/s is the counted work over the measured time, and no row runs above the measured peak.
+    for row in rows:
+        assert row["tflops"] == pytest.approx(row["gflops_per_image"] * row["images_per_s"] / 1e3, rel=0.02)
+        assert 0 < row["tflops"] < row["bf16_peak_tflops"]
 
 
 def test_data_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "data.json"
-    r = run_job("jobs/benchmark.py", "data", "--images", "120", "--resolution", "32", "--json", str(out),
-                "--workdir", str(tmp_path))
+    r = run_job("benchmark.py", "data", "--images", "60", "--resolution", "32", "--json", str(out),
+                "--workdir", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = result["stream"]
@@ -92,14 +187,14 @@ def test_data_benchmark_runs_end_to_end(tmp_path):
     decode = {(row["decoder"], row["device"]): row for row in result["decode"]}
     assert set(decode) == {("pil", "cpu"), ("torchvision", "cpu"), ("nvjpeg", "cuda")}
     for key in (("pil", "cpu"), ("torchvision", "cpu")):  # every JPEG of the shards decoded
-        assert decode[key]["images"] == 120 and decode[key]["images_per_s"] > 0 and decode[key]["decode_vs_step"] > 0
+        assert decode[key]["images"] == 60 and decode[key]["images_per_s"] > 0 and decode[key]["decode_vs_step"] > 0
     gpu = decode["nvjpeg", "cuda"]
     assert gpu["images_per_s"] > 0 if torch.cuda.is_available() else "no CUDA device" in gpu["note"]
 
 
 def test_scaling_benchmark_measures_and_models(tmp_path):
     out = tmp_path / "scaling.json"
-    r = run_job("jobs/benchmark.py", "scaling", "--resolution", "32", "--json", str(out))
+    r = run_job("benchmark.py", "scaling", "--resolution", "32", "--json", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     measured, model = result["measured"], result["model"]
@@ -110,39 +205,16 @@ def test_scaling_benchmark_measures_and_models(tmp_path):
     assert "eff_no_overlap" in r.stdout  # the table is printed
 
 
-def test_tune_and_evaluate_reject_bad_input_in_one_line(tmp_path):
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cases = [
-        (["jobs/tune.py", "--set", f"tune.space={tmp_path / 'nope.yaml'}"], "tune.space: search-space file"),
-        (["jobs/tune.py", "--set", "tune.metric=fid"], "tune.metric: fid needs metrics.inception_weights"),
-        (["jobs/evaluate.py", "--model", "dcgan-generator"], "expected models:/NAME@ALIAS or models:/NAME/VERSION"),
-        (["jobs/evaluate.py", "--model", "models:/nope@champion", "--set", f"tracking.uri={db}"],
-         "models:/nope@champion: no such registered model version"),
-    ]
-    for args, needle in cases:
-        r = run_job(*args)
-        assert r.returncode == 2, r.stderr[-2000:]
-        assert needle in r.stderr and "Traceback" not in r.stderr
-
-
-def test_train_checks_the_inception_weights_before_starting_ray(tmp_path, digits_dir):
-    bad = tmp_path / "inception.pth"
-    bad.write_bytes(b"not weights")
-    for weights, needle in [(tmp_path / "missing.pth", "does not exist"), (bad, "sha256")]:
-        r = run_job("jobs/train.py", *sets(tiny_overrides(tmp_path, digits_dir,
-                                                          **{"metrics.inception_weights": weights})))
-        assert r.returncode == 2, r.stderr[-2000:]
-        assert "metrics.inception_weights" in r.stderr and needle in r.stderr and "Traceback" not in r.stderr
-        assert "Started a local Ray instance" not in r.stderr + r.stdout
-
-
-def test_ray_overhead_benchmark_reports_startup_and_steady_state(tmp_path):
+def test_ray_overhead_benchmark_reports_startup_and_steady_state(local_ray, tmp_path, monkeypatch):
+    """The training subprocesses join the session's Ray (RAY_ADDRESS) instead of starting one each."""
+    monkeypatch.setenv("RAY_ADDRESS", local_ray)
     out = tmp_path / "ray.json"
-    r = run_job(str(REPO / "jobs" / "benchmark.py"), "ray-overhead", "--steps", "6", "--log-every", "2",
-                "--batch", "16", "--json", str(out), cwd=tmp_path)  # the digits shards get built under tmp_path
+    r = run_job("benchmark.py", "ray-overhead", "--steps", "4", "--log-every", "2", "--batch", "16",
+                "--json", str(out), cwd=tmp_path)  # the digits shards get built under tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     startup, steady = json.loads(out.read_text())
     assert startup["name"] == "time_to_first_step_s" and 0 < startup["value"] < startup["total_wall_s"]
-    assert steady["windows"] == 3 and steady["ray_images_per_s"] > 0 and steady["plain_images_per_s"] > 0
-    assert steady["ratio_ray_vs_plain"] > 0
+    assert steady["windows"] == 2 and steady["ray_images_per_s"] > 0 and steady["plain_images_per_s"] > 0
+    assert steady["ratio_ray_vs_plain"] == pytest.approx(steady["ray_images_per_s"] / steady["plain_images_per_s"],
+                                                         rel=0.01)
     assert (tmp_path / "data" / "digits-32" / "manifest.json").exists()

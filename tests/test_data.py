@@ -112,10 +112,48 @@ def test_resolve_shards_errors(tmp_path):
         resolve_shards(str(tmp_path / "badman"))
 
 
-def test_brace_pattern_and_bare_folder(digits_dir):
+def test_brace_pattern(digits_dir):
     pattern = str(digits_dir / "shard-{000000..000003}.tar")
-    assert len(resolve_shards(pattern).urls) == 4
-    assert resolve_shards(pattern).manifest is None
+    shards_ = resolve_shards(pattern)
+    assert shards_.urls == [str(digits_dir / f"shard-{i:06d}.tar") for i in range(4)]
+    assert shards_.manifest is None
+
+
+def digit_images(folder) -> set[bytes]:
+    """Every image in the folder's shards, decoded here with tarfile + PIL (not the loader's reader)."""
+    images = set()
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".png"):
+                    images.add(Image.open(tar.extractfile(member)).convert("L").tobytes())
+    return images
+
+
+def test_bare_folder_of_shards_without_a_manifest(digits_dir, tmp_path):
+    """A folder holding only *.tar shards (no manifest.json) is a dataset: its shards, sorted, no manifest."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tar in digits_dir.glob("shard-*.tar"):
+        shutil.copy(tar, bare / tar.name)
+    (bare / "README.txt").write_text("not a shard")
+    (bare / "old").mkdir()
+    shutil.copy(digits_dir / "shard-000000.tar", bare / "old" / "shard-000009.tar")  # not at the top level
+    shards_ = resolve_shards(str(bare))
+    assert shards_.manifest is None and shards_.counts == {}
+    assert shards_.urls == [str(bare / f"shard-{i:06d}.tar") for i in range(4)]
+
+    known = digit_images(digits_dir)
+    assert len(known) > 1000
+    it = make_batches(shards_, channels=1, resolution=32, batch_size=32, seed=0, shuffle_buffer=100)
+    batches = [next(it) for _ in range(3)]
+    for b in batches:
+        assert b.shape == (32, 1, 32, 32) and b.dtype == torch.uint8
+        assert all(img[0].numpy().tobytes() in known for img in b)  # real digits, read whole
+    assert len({img.numpy().tobytes() for b in batches for img in b}) > 80  # a shuffled stream, not one image
+    assert it.skipped == 0
 
 
 def stream(digits_dir, **kw):
@@ -139,6 +177,8 @@ def test_stream_with_dataloader_workers(digits_dir):
     batches = [next(it) for _ in range(6)]
     assert all(b.shape == (64, 1, 32, 32) for b in batches)
     assert it.skipped == 0
+    # The workers take turns and are seeded apart: no worker repeats another's stream.
+    assert len({b.numpy().tobytes() for b in batches}) == 6
 
 
 def tar_bytes(members):

@@ -48,3 +48,55 @@ def test_timer_reports_each_bucket_and_keeps_the_hooks_math(gloo_group, compress
     for p, q in zip(ref.parameters(), model.module.parameters()):
         want = p.grad if compression == "none" else p.grad.to(torch.bfloat16).float()  # sent at bf16 width
         assert torch.equal(q.grad, want)
+
+
+def _two_rank_worker(rank: int, store: str, inputs: list, out: str) -> None:
+    """One of two real gloo ranks: each rank backpropagates its own batch through DDP with the timer's hook,
+    once per compression, and saves the gradients DDP leaves in its parameters."""
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        grads = {}
+        for compression in ("none", "bf16"):
+            model = DDP(_model(), bucket_cap_mb=0.1)
+            timer = AllreduceTimer(compression)
+            timer.register(model)
+            for _ in range(2):  # DDP's first step runs one bucket, the second the rebuilt (several) buckets
+                model.zero_grad(set_to_none=True)
+                model(inputs[rank]).square().mean().backward()
+                timer.end_step()
+            grads[compression] = [p.grad.clone() for p in model.module.parameters()]
+            grads[compression + "_buckets"] = timer.collect()["allreduce_buckets"]
+        torch.save(grads, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_different_batches_get_the_mean_gradient(tmp_path):
+    """World size 2, two processes, different data per rank: every rank ends with the mean of the ranks'
+    gradients; with bf16 compression each rank's gradient is rounded to bf16 before the exchange and the
+    mean is rounded to bf16 again (it is summed at bf16 width) before it lands back in fp32."""
+    import torch.multiprocessing as mp
+
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(32, 64, generator=gen) for _ in range(2)]
+    mp.spawn(_two_rank_worker, args=(f"file://{tmp_path / 'store'}", inputs, str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    # Each rank's own gradient, computed here without DDP or any process group.
+    local = []
+    for x in inputs:
+        model = _model()
+        model(x).square().mean().backward()
+        local.append([p.grad for p in model.parameters()])
+    assert not any(torch.equal(a, b) for a, b in zip(*local))  # the ranks really disagree before the allreduce
+
+    for r in range(2):
+        assert got[r]["none_buckets"] > 1 and got[r]["bf16_buckets"] > 1  # 1 bucket, then several
+        for i, (a, b) in enumerate(zip(*local)):
+            assert torch.equal(got[r]["none"][i], (a + b) / 2), (r, i)
+            bf16 = ((a.to(torch.bfloat16).float() + b.to(torch.bfloat16).float()) / 2).to(torch.bfloat16).float()
+            assert torch.equal(got[r]["bf16"][i], bf16), (r, i)
+            assert not torch.equal(bf16, (a + b) / 2)  # compression is visible in these gradients

@@ -1,9 +1,11 @@
-"""The paper's experiments on a registered digits model (real sqlite MLflow store): latent walks, vector
-arithmetic, how a model version's networks are found, and clear errors for bad arguments."""
+"""The paper's experiments on a registered digits model (real sqlite MLflow store, a private copy per test):
+latent walks, vector arithmetic, how a model version's networks are found, what jobs/experiments.py does with
+no --model and no --out, and clear errors for bad arguments."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,13 +13,13 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from PIL import Image
 
-from conftest import experiments_job, run_experiment
+from conftest import experiments_job, job_subprocess, run_experiment
 from dcgan_dist.errors import ConfigError, TrackingError
 from dcgan_dist.experiments import latent_walk, vector_arithmetic
 from dcgan_dist.networks import load_networks
 
 
-def test_registered_version_holds_both_trained_networks(digits_model):
+def test_registered_version_holds_both_trained_networks(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
     nets = load_networks(tracking_uri, model_uri)
     assert (nets.model.nc, nets.model.resolution, nets.step) == (1, 32, 300)
@@ -28,11 +30,13 @@ def test_registered_version_holds_both_trained_networks(digits_model):
         assert nets.d(images).shape == (4,)
         # The trained D is not the random one of the same architecture.
         assert not torch.allclose(nets.d(images), nets.random_discriminator(0)(images))
-    # The registered MLflow model and our G are the same network.
+    # The registered MLflow model and our G are the same network (read from this test's store, by URI: no
+    # process-wide tracking URI that a later test would inherit).
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    served = mlflow.pytorch.load_model(model_uri)
+    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path), tracking_uri=tracking_uri,
+                                                registry_uri=tracking_uri)
+    served = mlflow.pytorch.load_model(local)
     with torch.no_grad():
         torch.testing.assert_close(served(z), nets.g(z), rtol=1e-4, atol=1e-5)
 
@@ -90,45 +94,111 @@ def test_vector_arithmetic_sheet_then_sum(digits_model, tmp_path):
     assert MlflowClient(tracking_uri).get_run(out.run_id).data.metrics["neighbourhood_change"] > 0
 
 
+def all_runs(tracking_uri, view):
+    """Every run in this test's own store, any experiment."""
+    client = MlflowClient(tracking_uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return client.search_runs(ids, run_view_type=view)
+
+
+def experiment_runs(tracking_uri, name):
+    """The live runs of experiment NAME in this test's own store."""
+    client = MlflowClient(tracking_uri)
+    return client.search_runs([client.get_experiment_by_name("dcgan").experiment_id],
+                              f"tags.`dcgan.experiment` = '{name}'")
+
+
 def test_job_runs_an_experiment_and_reports(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
     r = experiments_job(tracking_uri, "latent-walk", "--model", model_uri, "--out", str(tmp_path / "w"), "--paths", "2",
-                "--gif-keyframes", "2", "--gif-frames", "2")
+                        "--gif-keyframes", "2", "--gif-frames", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "latent-walk on models:/dcgan-generator/" in r.stdout and "max/mean per path" in r.stdout
+    assert f"latent-walk on {model_uri} (step 300)" in r.stdout and "max/mean per path" in r.stdout
     assert (tmp_path / "w" / "summary.txt").read_text().strip() in r.stdout
+    run_id = re.search(r"MLflow run (\w+)", r.stdout).group(1)
+    assert [run.info.run_id for run in experiment_runs(tracking_uri, "latent-walk")] == [run_id]
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["paths"] == "2"
 
 
 def test_bad_arguments_give_one_line_errors(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
-    r = experiments_job(tracking_uri, "latent-walk", "--model", "models:/no-such-model/1", "--out", str(tmp_path / "x"))
-    assert r.returncode == 2 and "error: models:/no-such-model/1: no such registered model version" in r.stderr
-    assert "Traceback" not in r.stderr
-    r = experiments_job(tracking_uri, "vector-arithmetic", "--model", model_uri, "--num", "8", "--a", "1,9", "--b", "2",
-                "--c", "3", "--out", str(tmp_path / "y"))
-    assert r.returncode == 2 and "error: --a: index 9 out of range 0..7" in r.stderr, r.stderr[-2000:]
-    r = experiments_job(tracking_uri, "vector-arithmetic", "--model", model_uri, "--a", "1,x", "--b", "2", "--c", "3")
-    assert r.returncode == 2 and "error: --a: expected comma-separated integers" in r.stderr
-    r = experiments_job(tracking_uri, "latent-walk", "--model", "dcgan-generator", "--out", str(tmp_path / "z"))
-    assert r.returncode == 2 and "expected models:/NAME@ALIAS or models:/NAME/VERSION" in r.stderr
-    # Bad input leaves nothing behind: the runs it opened are deleted, the empty output folder removed.
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("dcgan").experiment_id
-    query = "tags.`dcgan.experiment` = 'vector-arithmetic'"
-    assert all(run.info.status == "FINISHED" for run in client.search_runs([experiment], query))
-    assert len(client.search_runs([experiment], query, run_view_type=ViewType.DELETED_ONLY)) == 2
-    assert not (tmp_path / "y").exists()
+    before = {run.info.run_id for run in all_runs(tracking_uri, ViewType.ALL)}
+    # The command-line contract itself, in a fresh interpreter (the only subprocess of these tests): exit code 2
+    # and one line on stderr, no traceback.
+    r = job_subprocess("experiments.py", "latent-walk", "--model", "models:/no-such-model/1", "--out",
+                       str(tmp_path / "x"), "--set", f"tracking.uri={tracking_uri}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [r.stderr.strip().splitlines()[-1]], r.stderr[-2000:]  # one error line, the last one
+    assert errors[0].startswith("error: models:/no-such-model/1: no such registered model version in sqlite:///")
+    assert "Traceback" not in r.stderr
+    # The rest in-process: same parsing and error handling.
+    r = experiments_job(tracking_uri, "vector-arithmetic", "--model", model_uri, "--num", "8", "--a", "1,9", "--b",
+                        "2", "--c", "3", "--out", str(tmp_path / "y"), cwd=tmp_path)
+    assert r.returncode == 2 and "error: --a: index 9 out of range 0..7" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    r = experiments_job(tracking_uri, "vector-arithmetic", "--model", model_uri, "--a", "1,x", "--b", "2", "--c", "3",
+                        cwd=tmp_path)  # the default --out: outputs/experiments/vector-arithmetic-v1 under tmp_path
+    assert r.returncode == 2 and "error: --a: expected comma-separated integers" in r.stderr, r.stderr[-2000:]
+    r = experiments_job(tracking_uri, "latent-walk", "--model", "dcgan-generator", "--out", str(tmp_path / "z"),
+                        cwd=tmp_path)
+    assert r.returncode == 2 and "expected models:/NAME@ALIAS or models:/NAME/VERSION" in r.stderr, r.stderr[-2000:]
+    # Bad input leaves nothing behind: the two vector-arithmetic runs it opened are deleted, the bad model URIs
+    # opened none, every run this store held before is untouched, and the empty output folders are removed.
+    after = {run.info.run_id: run for run in all_runs(tracking_uri, ViewType.ALL)}
+    new = [after[i] for i in after.keys() - before]
+    assert len(new) == 2, [(run.info.run_name, run.info.lifecycle_stage) for run in new]
+    assert all(run.data.tags["dcgan.experiment"] == "vector-arithmetic" and run.info.lifecycle_stage == "deleted"
+               for run in new)
+    assert {run.info.run_id for run in all_runs(tracking_uri, ViewType.ACTIVE_ONLY)} == before
+    assert client.search_runs([client.get_experiment_by_name("dcgan").experiment_id],
+                              "tags.`dcgan.experiment` = 'vector-arithmetic'") == []
+    for folder in ("x", "y", "z", "outputs/experiments/vector-arithmetic-v1"):
+        assert not (tmp_path / folder).exists(), folder
+
+
+DEFAULT_JOBS = [  # (experiment, smallest arguments that keep it fast, files it writes, a line of its summary)
+    ("guided-backprop", ["--max-images", "16", "--num-features", "2", "--top", "2"], {"guided_backprop.png"},
+     "guided backprop of D conv layer 2 (64 features) on 16 images from {data}"),
+    ("label-boxes", ["--num", "8", "--box", "3:2,4,20,28"], {"sheet.png", "boxes.png", "boxes.json"},
+     "1 box(es) on 1 sample(s) written to outputs/experiments/label-boxes-v{version}/boxes.json"),
+    ("nearest-neighbors", ["--max-images", "60", "--holdout", "10", "--num", "2", "--k", "2"],
+     {"neighbors_pixels.png", "neighbors_d_features.png", "neighbors.json"},
+     "2 generated samples and their 2 nearest of 50 training images (60 read from {data}, 10 held out)"),
+]
+
+
+@pytest.mark.parametrize("name, args, files, line", DEFAULT_JOBS, ids=[job[0] for job in DEFAULT_JOBS])
+def test_job_defaults_run_the_champion_into_outputs(digits_model, digits_dir, tmp_path, name, args, files, line):
+    """No --model, no --out, no --data: the champion, outputs/experiments/NAME-vVERSION under the working
+    directory, and the data the model was trained on."""
+    tracking_uri, model_uri = digits_model
+    version = model_uri.rsplit("/", 1)[1]
+    champion = MlflowClient(tracking_uri).get_model_version_by_alias("dcgan-generator", "champion")
+    assert str(champion.version) == version
+    r = experiments_job(tracking_uri, name, *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = tmp_path / "outputs" / "experiments" / f"{name}-v{version}"
+    assert {f.name for f in folder.iterdir()} == files | {"summary.txt"}
+    summary = (folder / "summary.txt").read_text().strip()
+    assert line.format(data=digits_dir, version=version) in summary.splitlines()[0]
+    assert f"{name} on {model_uri} (step 300):\n{summary}" in r.stdout
+    assert f"outputs: outputs/experiments/{name}-v{version}  (MLflow run " in r.stdout
+    runs = experiment_runs(tracking_uri, name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+    assert runs[0].data.tags["dcgan.evaluates"] == model_uri and runs[0].info.run_id in r.stdout
+    logged = {f.path for f in MlflowClient(tracking_uri).list_artifacts(runs[0].info.run_id)}
+    assert logged == files | {"summary.txt"}
 
 
 def test_a_version_without_stored_networks_is_named(digits_model):
     tracking_uri, model_uri = digits_model
     client = MlflowClient(tracking_uri)
     name, version = model_uri.split("/")[-2:]
-    client.delete_model_version_tag(name, version, "networks")
-    try:
-        with pytest.raises(TrackingError, match=f"{model_uri}.*no 'networks' tag"):
-            load_networks(tracking_uri, model_uri)
-    finally:
-        client.set_model_version_tag(name, version, "networks", "networks/step_300.pt")
+    client.delete_model_version_tag(name, version, "networks")  # this test's own copy of the store
+    with pytest.raises(TrackingError, match=f"{model_uri}.*no 'networks' tag"):
+        load_networks(tracking_uri, model_uri)
     with pytest.raises(ConfigError):
         load_networks(tracking_uri, "not-a-uri")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from PIL import Image
 
 from conftest import experiments_job
@@ -23,9 +24,11 @@ from dcgan_dist.networks import load_networks
 
 
 @pytest.fixture(scope="module")
-def digits(digits_model, digits_dir):
-    """The trained networks and every labeled digit (1,797, 32x32)."""
-    nets = load_networks(*digits_model)
+def digits(digits_store, digits_dir):
+    """The trained networks (read from the session's store, which nothing here writes to) and every labeled
+    digit (1,797, 32x32)."""
+    db, model_uri = digits_store
+    nets = load_networks(f"sqlite:///{db}", model_uri)
     images, labels = read_labeled(str(digits_dir), 5000, channels=1, resolution=32)
     return nets, images, labels.numpy()
 
@@ -36,20 +39,39 @@ def svm_table(nets, images, labels, seed, **kw):
     return feature_svm.summarize(features, draws), draws
 
 
-def job(tracking_uri, model_uri, folder, *args):
-    return experiments_job(tracking_uri, "feature-svm", "--model", model_uri, "--out", str(folder), *args)
+def job(tracking_uri, model_uri, cwd, *args):
+    """jobs/experiments.py feature-svm in-process, in `cwd`, writing to cwd/out."""
+    return experiments_job(tracking_uri, "feature-svm", "--model", model_uri, "--out", str(cwd / "out"), *args,
+                           cwd=cwd)
 
 
-def test_trained_d_features_beat_random_d_and_pixels(digits):
-    # The job's defaults. On this small D (ndf=16, 300 steps) the margin over the random D is about one std
-    # (91.3% vs 89.8% at seed 0); over seeds 0-4 it is +1.5, -0.2, -0.5, +0.5, +0.3 points: weak. Over pixels
-    # the trained D wins at every one of those seeds (+1.4 to +2.4 points).
+def svm_runs(tracking_uri, view=ViewType.ACTIVE_ONLY):
+    """The feature-svm runs in this test's own store."""
+    client = MlflowClient(tracking_uri)
+    return client.search_runs([client.get_experiment_by_name("dcgan").experiment_id],
+                              "tags.`dcgan.experiment` = 'feature-svm'", run_view_type=view)
+
+
+def test_trained_d_features_beat_pixels_and_match_random_d(digits):
+    """What holds on this tiny model (ndf=16, 300 steps) with the job's label counts (10 + 10 per class), over
+    3 seeds of 3 label draws each (each seed: other draws and another random D). Measured at seeds 0-14:
+
+    - over pixels, the trained D's features win at every seed (+0.63 to +3.97 points); the mean of any 3 of
+      those seeds is +0.94 to +2.62 (seeds 0-2: +1.68). Asserted: a win at each seed, >= 1 point on average.
+    - over a random D of the same architecture, the paper's gap does not show here: -1.42 to +2.00 points per
+      seed, -0.04 on average over the 15, i.e. within the draw-to-draw noise (sd ~1.3 points per draw). Only
+      "not clearly worse" is asserted: a 3-seed mean above -2 points (any 3 of the 15 seeds: -1.20 to +1.56).
+    """
     nets, images, labels = digits
-    table, _ = svm_table(nets, images, labels, 0, per_class=10, val_per_class=10, test_size=None, draws=5)
-    acc = {name: row["mean"] for name, row in table.items()}
-    assert acc["trained D"] > acc["random D"], table
-    assert acc["trained D"] > acc["pixels"], table
-    assert min(acc.values()) > 0.5  # chance is 0.1
+    gains = {"pixels": [], "random D": []}  # trained D's accuracy minus each baseline's, in points, per seed
+    for seed in (0, 1, 2):
+        table, _ = svm_table(nets, images, labels, seed, per_class=10, val_per_class=10, test_size=None, draws=3)
+        assert min(row["mean"] for row in table.values()) > 0.5, table  # chance is 0.1
+        for baseline, gain in gains.items():
+            gain.append(100 * (table["trained D"]["mean"] - table[baseline]["mean"]))
+    assert all(g > 0 for g in gains["pixels"]), gains
+    assert np.mean(gains["pixels"]) >= 1.0, gains
+    assert np.mean(gains["random D"]) > -2.0, gains
 
 
 def test_label_draws_are_stratified_disjoint_and_deterministic(digits):
@@ -113,7 +135,7 @@ def test_nearest_neighbors_figures_numbers_and_exact_search(digits, digits_model
 
 def test_feature_svm_job_end_to_end(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
-    r = job(tracking_uri, model_uri, tmp_path / "out", "--max-images", "400", "--labels-per-class", "5",
+    r = job(tracking_uri, model_uri, tmp_path, "--max-images", "400", "--labels-per-class", "5",
             "--val-per-class", "5", "--draws", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained D    1792" in r.stdout and "random D" in r.stdout and "pixels       1024" in r.stdout
@@ -121,7 +143,9 @@ def test_feature_svm_job_end_to_end(digits_model, tmp_path):
     run_id = re.search(r"MLflow run (\w+)", r.stdout).group(1)
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
+    assert [found.info.run_id for found in svm_runs(tracking_uri)] == [run_id]  # the job's run, and only that one
     assert run.data.tags["dcgan.experiment"] == "feature-svm" and run.info.status == "FINISHED"
+    assert run.data.tags["dcgan.evaluates"] == model_uri and run.data.params["labels_per_class"] == "5"
     assert {"acc_trained_d", "acc_trained_d_std", "acc_random_d", "acc_pixels_std"} <= set(run.data.metrics)
     assert {a.path for a in client.list_artifacts(run_id)} == {"accuracy.png", "draws.json", "summary.txt"}
     saved = json.loads((tmp_path / "out" / "draws.json").read_text())
@@ -130,9 +154,12 @@ def test_feature_svm_job_end_to_end(digits_model, tmp_path):
 
 def test_bad_arguments_are_clear_errors(digits, digits_model, digits_dir, tmp_path):
     tracking_uri, model_uri = digits_model
-    r = job(tracking_uri, model_uri, tmp_path / "out", "--labels-per-class", "500")
+    r = job(tracking_uri, model_uri, tmp_path, "--labels-per-class", "500")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert re.search(r"error: --labels-per-class 500 .* class \d has 1\d\d ", r.stderr), r.stderr[-2000:]
+    # The job had opened its run and folder before reading the data: both are gone again.
+    assert svm_runs(tracking_uri) == [] and len(svm_runs(tracking_uri, ViewType.DELETED_ONLY)) == 1
+    assert not (tmp_path / "out").exists()
 
     nets = digits[0]
     with pytest.raises(ConfigError, match="leaves no test images"):

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from PIL import Image
 from torch import nn
 
@@ -153,18 +154,26 @@ def test_forget_job_reports_and_names_a_bad_file(digits_model, tmp_path):
     good, bad = tmp_path / "boxes.json", tmp_path / "bad.json"
     good.write_text(json.dumps(stroke_boxes(load_networks(tracking_uri, model_uri), seed=1, num=16, labeled=6)))
     bad.write_text('{"seed": 0, "num": 4, "boxes": {"9": [[0, 0, 4, 4]]}}')
+    client = MlflowClient(tracking_uri)
 
     def job(boxes, folder):
         return experiments_job(tracking_uri, "forget", "--model", model_uri, "--boxes", str(boxes),
-                               "--out", str(folder))
+                               "--out", str(folder), cwd=tmp_path)
+
+    def forget_runs(view=ViewType.ACTIVE_ONLY):  # this test's own store: only the runs these jobs opened
+        return client.search_runs([client.get_experiment_by_name("dcgan").experiment_id],
+                                  "tags.`dcgan.experiment` = 'forget'", run_view_type=view)
 
     r = job(good, tmp_path / "out")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"forget on {model_uri}" in r.stdout and "feature maps" in r.stdout and "inside the boxes" in r.stdout
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id],
-                              f"tags.`dcgan.experiment` = 'forget' and params.boxes = '{good}'")
+    assert (tmp_path / "out" / "summary.txt").read_text().strip() in r.stdout
+    runs = forget_runs()
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "change_ratio" in runs[0].data.metrics
+    assert runs[0].data.params["boxes"] == str(good) and runs[0].info.run_id in r.stdout
     r = job(bad, tmp_path / "bad")
     assert r.returncode == 2 and f"error: --boxes {bad}: sample index 9 out of range 0..3" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    # The bad file's run is deleted and its empty folder removed; the good run stays as it was.
+    assert [run.info.run_id for run in forget_runs()] == [runs[0].info.run_id]
+    assert len(forget_runs(ViewType.DELETED_ONLY)) == 1 and not (tmp_path / "bad").exists()

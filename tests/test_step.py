@@ -78,34 +78,72 @@ def test_no_d_weight_gradient_in_the_g_update():
     assert set(calls.values()) == {2}
 
 
+def flat(*modules):
+    return torch.cat([p.detach().flatten() for m in modules for p in m.parameters()])
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_runs_under_autocast_and_tracks_fp32(precision):
-    """bf16/fp16: convolutions run at half width, weights and Adam stay fp32, and a few steps land
-    close to the fp32 step from the same start (same noise, same batch)."""
+    """bf16/fp16: convolutions run at half width, weights and Adam stay fp32; bf16 lands close to the fp32
+    step from the same start (same noise, same batch); fp16 either applies a step or skips it and halves
+    the loss scale (GradScaler's contract), step by step."""
     cfg, g, d = tiny()
     g32, d32 = copy.deepcopy(g), copy.deepcopy(d)
+    start_g, start_d = flat(g), flat(d)
     half = GANStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz, precision)
     full = GANStep(g32, d32, *make_optimizers(g32, d32, cfg.train), cfg.model.nz)
     seen = []
     hook = d.main[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     real = torch.rand(16, 1, 32, 32) * 2 - 1
+    applied = 0
     for _ in range(3):
+        before, scale = flat(g, d), (half.scaler.get_scale() if half.scaler else None)
         torch.manual_seed(3)
         out_half = half(real)
         torch.manual_seed(3)
         out_full = full(real)
+        changed = not torch.equal(flat(g, d), before)
+        applied += changed
+        if precision == "fp16":  # growth needs 2000 clean steps: a step keeps the scale or is skipped and halves it
+            assert (changed, half.scaler.get_scale()) in {(True, scale), (False, scale / 2)}, (changed, scale)
     hook.remove()
     assert set(seen) == {getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])}
     assert all(p.dtype == torch.float32 for p in [*g.parameters(), *d.parameters()])
     assert (half.scaler is not None) == (precision == "fp16")
     assert all(torch.isfinite(out_half[k]) for k in ("loss_d", "loss_g"))
+    assert applied >= 1
     if precision == "bf16":
+        assert applied == 3
         for k in ("loss_d", "loss_g"):
             assert abs(out_half[k].item() - out_full[k].item()) < 0.05, (k, out_half[k], out_full[k])
-        moved = [(a - b).abs().max().item() for a, b in zip(g.parameters(), g32.parameters())]
-        assert max(moved) < 1e-2  # same trajectory up to rounding
-    else:  # fp16: the scaler starts at 2**16 and skips the steps whose scaled gradients overflow
-        assert half.scaler.get_scale() <= 2.0 ** 16
+        # Same trajectory up to rounding: far closer to the fp32 weights than to the start (a step that
+        # updated nothing, or in a wrong direction, would be at least as far from fp32 as the start is).
+        for ours, ref, start in ((g, g32, start_g), (d, d32, start_d)):
+            assert (flat(ours) - flat(ref)).norm() < 0.5 * (flat(ref) - start).norm()
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale():
+    """An overflowing step changes no weight and halves the scale exactly; a sane scale applies the step
+    and keeps the scale (it grows only after 2000 clean steps)."""
+    cfg, g, d = tiny()
+    opt_g, opt_d = make_optimizers(g, d, cfg.train)
+    step = GANStep(g, d, opt_g, opt_d, cfg.model.nz, "fp16")
+    real = torch.rand(16, 1, 32, 32) * 2 - 1
+    step.scaler.scale(torch.zeros(()))  # the scaler allocates its scale lazily
+    assert step.scaler.get_scale() == 2.0 ** 16
+    step.scaler.update(new_scale=2.0 ** 60)  # fp16 gradients scaled by 2**60 overflow whatever the batch
+    g0, d0 = flat(g), flat(d)
+    out = step(real)
+    assert torch.equal(flat(g), g0) and torch.equal(flat(d), d0)  # both updates skipped
+    assert not opt_g.state and not opt_d.state  # Adam never stepped
+    assert step.scaler.get_scale() == 2.0 ** 59
+    assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_g"])  # the fp32 losses themselves are fine
+
+    step.scaler.update(new_scale=2.0 ** 8)
+    step(real)
+    assert torch.isfinite(flat(g, d)).all()
+    assert not torch.equal(flat(g), g0) and not torch.equal(flat(d), d0)
+    assert step.scaler.get_scale() == 2.0 ** 8
 
 
 def test_fused_adam_is_used_when_asked_and_gives_the_same_update():
@@ -132,10 +170,39 @@ def test_bad_precision_and_compression_are_named():
         load_config(overrides=["ray.grad_compression=int8"])
 
 
-def test_compiled_step_matches_eager_and_keeps_checkpoint_keys():
+def compiled_code_ran(fn) -> bool:
+    """Whether calling fn ran a frame compiled by dynamo and a graph compiled by inductor: both mark
+    their calls in the profiler ("Torch-Compiled Region: frame/version", "## Call CompiledFxGraph ... ##")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e.name for e in prof.events()]
+    return (any(n.startswith("Torch-Compiled Region") for n in names)
+            and any(n.startswith("## Call CompiledFxGraph") for n in names))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo as in a new process (no compiled code, zeroed counters), and its settings put back afterwards:
+    compile_models turns on suppress_errors (a failed compile runs eagerly) for the whole process.
+    (Not monkeypatch.setattr: torch's config module keeps its values outside __dict__, so pytest's undo
+    would delete the setting instead of restoring it.) Yields dynamo's counters."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    with torch._dynamo.config.patch(suppress_errors=torch._dynamo.config.suppress_errors):
+        torch._dynamo.reset()
+        counters.clear()
+        yield counters
+        torch._dynamo.reset()
+
+
+def test_compiled_step_matches_eager_and_keeps_checkpoint_keys(fresh_dynamo):
     """train.compile: forward passes compiled in place (inductor on CPU here), same updates as eager."""
     from dcgan_dist.step import compile_models
 
+    counters = fresh_dynamo
     cfg, g, d = tiny()
     g2, d2 = copy.deepcopy(g), copy.deepcopy(d)
     keys = list(g.state_dict())
@@ -149,18 +216,32 @@ def test_compiled_step_matches_eager_and_keeps_checkpoint_keys():
         torch.manual_seed(i)
         b = eager(real)
         assert abs(a["loss_d"].item() - b["loss_d"].item()) < 1e-4
-    assert g._compiled_call_impl is not None  # really compiled, not silently skipped
     assert list(g.state_dict()) == keys
     for x, y in zip(g.parameters(), g2.parameters()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+    # Really compiled, not an eager fallback: every frame dynamo took on became a graph (G, D, and D again
+    # with frozen weights for the G update), without a graph break, and AOTAutograd compiled them.
+    frames = counters["frames"].copy()
+    assert frames["total"] == frames["ok"] >= 2, frames
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["aot_autograd"]["ok"] >= 2, dict(counters["aot_autograd"])
+    # ... and calling each network runs inductor's code, with no new compile (same shapes, same grad mode).
+    z = torch.randn(8, cfg.model.nz)
+    assert compiled_code_ran(lambda: g(z))
+    assert compiled_code_ran(lambda: d(real))
+    assert counters["frames"] == frames
 
 
 def test_auto_precision_follows_the_hardware():
     from dcgan_dist.step import native_bf16, resolve_precision
 
     cpu = torch.device("cpu")
-    flags = open("/proc/cpuinfo").read()
-    assert native_bf16(cpu) == (" amx_bf16" in flags or " avx512_bf16" in flags)
-    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    # torch's own CPUID probes (cpuinfo library), not /proc/cpuinfo: AVX512-BF16, or AMX (whose tile unit
+    # comes with AMX-BF16 on every CPU that has it).
+    hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16(cpu) == hardware
+    assert resolve_precision("auto", cpu) == ("bf16" if hardware else "fp32")
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
     assert load_config().train.precision == "auto"

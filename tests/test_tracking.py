@@ -27,3 +27,56 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkeypatch):
+    """Not in ./mlruns of whatever folder the first run started in (MLflow's default)."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store' / 'm.db'}"
+    (tmp_path / "store").mkdir()
+    cfg = load_config(overrides=[f"tracking.uri={uri}"])
+    run_id, _ = start_run(cfg, "where")
+    assert (tmp_path / "store" / "mlartifacts").is_dir()
+    assert any((tmp_path / "store" / "mlartifacts").rglob("config.yaml"))
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_registering_the_same_step_of_a_run_twice_returns_the_same_version(tmp_path):
+    from dcgan_dist.models import build_generator
+    from dcgan_dist.tracking import log_generator
+
+    cfg = load_config(overrides=[f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "model.ngf=8", "model.nc=1"])
+    run_id, _ = start_run(cfg, "twice")
+    g = build_generator(cfg.model, 1)
+    first = log_generator(cfg, run_id, g, 12)
+    assert log_generator(cfg, run_id, g, 12) == first  # a re-run of a finished run registers nothing new
+    assert log_generator(cfg, run_id, g, 16) != first
+    assert len(MlflowClient(cfg.tracking.uri).search_model_versions("name='dcgan-generator'")) == 2
+
+
+def test_the_registered_generator_answers_as_a_pyfunc(tmp_path):
+    """What a user of `mlflow.pyfunc.load_model(models:/...)` relies on: a batch of one, a DataFrame of latent
+    rows, an RGB 64x64 model; a wrong latent size is refused by the signature, naming the shapes."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import pytest
+    from mlflow.exceptions import MlflowException
+
+    from dcgan_dist.models import build_generator
+    from dcgan_dist.tracking import log_generator
+
+    cfg = load_config(overrides=[f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "model.ngf=8", "model.nc=3",
+                                 "model.resolution=64"])
+    run_id, _ = start_run(cfg, "served")
+    version = log_generator(cfg, run_id, build_generator(cfg.model, 3), 1)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pyfunc.load_model(f"models:/dcgan-generator/{version}")
+    z = np.random.default_rng(0).standard_normal((3, 100)).astype(np.float32)
+    one = model.predict(z[:1])
+    assert one.shape == (1, 3, 64, 64) and one.dtype == np.float32 and -1 <= one.min() <= one.max() <= 1
+    rows = model.predict(pd.DataFrame(z))
+    assert np.asarray(rows).shape == (3, 3, 64, 64)
+    np.testing.assert_allclose(np.asarray(rows)[0], one[0], rtol=1e-4, atol=1e-5)  # eval mode: per-sample output
+    with pytest.raises(MlflowException, match=r"\(-1, 100\)"):
+        model.predict(z[:, :50])

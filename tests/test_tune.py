@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import ray
 import yaml
 from mlflow import MlflowClient
 
-from conftest import tiny_overrides
+from conftest import REPO, run_job, sets, tiny_overrides
 from dcgan_dist import champion, evaluation, tracking
 from dcgan_dist.config import load_config
 from dcgan_dist.data.loader import read_sample, resolve_shards
@@ -15,13 +14,6 @@ from dcgan_dist.errors import ConfigError
 from dcgan_dist.trainer import prepare_inputs
 from dcgan_dist.tune import load_space, search
 from test_evaluation import BankGenerator
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, log_to_driver=False)  # the dashboard stays on: stopped trials clean up through it
-    yield
-    ray.shutdown()
 
 
 def make_space(tmp_path, fixed: dict, space: dict) -> str:
@@ -32,7 +24,8 @@ def make_space(tmp_path, fixed: dict, space: dict) -> str:
 
 def search_config(tmp_path, digits_dir, space_path: str, **tune_keys):
     space = load_space(space_path)
-    overrides = tiny_overrides(tmp_path, digits_dir, **{"ray.cpus_per_worker": 0.45, "tune.space": space_path,
+    overrides = tiny_overrides(tmp_path, digits_dir, **{"ray.num_workers": 1, "ray.cpus_per_worker": 0.45,
+                                                        "tune.space": space_path,
                                                         **space.fixed,  # the tiny settings would override them
                                                         **{f"tune.{k}": v for k, v in tune_keys.items()}})
     return load_config(overrides=overrides, defaults=space.fixed), space
@@ -42,11 +35,10 @@ def trial_runs(client, cfg, parent_run_id):
     return client.search_runs([tracking.experiment_id(cfg)], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
-@pytest.mark.timeout(900)
 def test_asha_stops_the_bad_trial_registers_the_best_checkpoint_and_keeps_a_better_champion(local_ray, tmp_path,
                                                                                              digits_dir):
     # Two trials in order: a learning G, and a G that cannot move (lr_g 1e-9) which ASHA stops at its first rung.
-    space_path = make_space(tmp_path, {"train.steps": 40, "train.eval_every": 10, "train.lr_d": 2e-3},
+    space_path = make_space(tmp_path, {"train.steps": 40, "train.eval_every": 20, "train.lr_d": 2e-3},
                             {"train.lr_g": {"grid": [2e-3, 1e-9]}})
     cfg, space = search_config(tmp_path, digits_dir, space_path, search="random", num_samples=1, max_concurrent=1,
                                grace_period=20, name="asha")
@@ -74,7 +66,7 @@ def test_asha_stops_the_bad_trial_registers_the_best_checkpoint_and_keeps_a_bett
     assert stopped.info.status == "KILLED" and stopped.data.tags["tune.outcome"] == "stopped"
     assert runs[rows[2e-3]["trial"]].info.status == "FINISHED"
     best_history = client.get_metric_history(runs[out.best_trial].info.run_id, "swd")
-    assert [m.step for m in best_history] == [10, 20, 30, 40]
+    assert [m.step for m in best_history] == [20, 40]
     assert min(m.value for m in best_history) == pytest.approx(out.best_value)
 
     # The best step's checkpoint (not necessarily the last) is registered, tagged, and loses to the champion.
@@ -91,7 +83,6 @@ def test_asha_stops_the_bad_trial_registers_the_best_checkpoint_and_keeps_a_bett
         a.path for a in client.list_artifacts(out.parent_run_id)}
 
 
-@pytest.mark.timeout(900)
 def test_pbt_continues_trials_from_exploited_checkpoints_with_new_learning_rates(local_ray, tmp_path, digits_dir):
     space_path = make_space(tmp_path, {"train.steps": 8, "train.eval_every": 4},
                             {"train.lr_g": {"loguniform": [1e-4, 3e-3]}, "train.lr_d": {"loguniform": [1e-4, 3e-3]}})
@@ -119,3 +110,26 @@ def test_bad_search_spaces_fail_with_the_key(tmp_path):
         load_space(make_space(tmp_path, {}, {"train.lr_g": {"normal": [0, 1]}}))
     with pytest.raises(ConfigError, match="train.batch_size: expected an integer"):
         load_space(make_space(tmp_path, {}, {"train.batch_size": {"choice": [32, "big"]}}))
+
+
+def test_the_shipped_search_runs_as_a_job(local_ray, tmp_path, digits_dir):
+    """`python jobs/tune.py` with jobs/tune_space.yaml as shipped (ASHA + Optuna's TPE over its whole space),
+    only shortened: every trial reports its metric, the best generator is registered and becomes champion."""
+    overrides = tiny_overrides(tmp_path, digits_dir, **{
+        "train.steps": 4, "train.eval_every": 2, "tune.grace_period": 2, "tune.num_samples": 2,
+        "tune.max_concurrent": 2, "ray.num_workers": 1, "tune.name": "shipped"})
+    assert load_space(str(REPO / "jobs" / "tune_space.yaml")).params  # the file the job reads by default
+    r = run_job("tune.py", *sets(overrides), cwd=tmp_path)  # tune.space left at its default
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "search 'shipped': 2 trials" in r.stdout and "now @champion" in r.stdout
+    cfg = load_config(overrides=overrides)
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.search_runs([tracking.experiment_id(cfg)], "tags.`dcgan.search` = 'shipped'")[0]
+    assert parent.data.params["tune.search"] == "optuna" and parent.data.params["tune.scheduler"] == "asha"
+    space = yaml.safe_load((REPO / "jobs" / "tune_space.yaml").read_text())
+    assert parent.data.params["search.params"] == ",".join(space["space"])
+    trials = trial_runs(client, cfg, parent.info.run_id)
+    assert len(trials) == 2 and all("swd" in t.data.metrics for t in trials)
+    sampled = {t.data.params["model.ngf"] for t in trials}  # Optuna's samples reached the trials' configs
+    assert sampled <= {"16", "32", "64"}
+    assert client.get_model_version_by_alias(cfg.tracking.model_name, "champion").tags["metric.swd"]
