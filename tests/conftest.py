@@ -20,6 +20,9 @@ from dcgan_dist.devtools import free_port  # noqa: F401  (re-exported for the te
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller collects reports (and registers checkpoints) at this interval, 2 s by default; tiny test
+# runs report every few steps, so most of their wall time would be this wait.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -177,3 +180,4 @@ def experiments_job(tracking_uri: str, *argv: str, cwd: Path | None = None) -> J
     if cwd is None:
         raise ValueError("experiments_job needs a cwd: the default --out is relative to it")
     return run_job("experiments.py", *argv, "--set", f"tracking.uri={tracking_uri}", cwd=cwd)
+

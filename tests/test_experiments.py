@@ -30,13 +30,12 @@ def test_registered_version_holds_both_trained_networks(digits_model, tmp_path):
         assert nets.d(images).shape == (4,)
         # The trained D is not the random one of the same architecture.
         assert not torch.allclose(nets.d(images), nets.random_discriminator(0)(images))
-    # The registered MLflow model and our G are the same network (read from this test's store, by URI: no
-    # process-wide tracking URI that a later test would inherit).
+    # The registered MLflow model and our G are the same network. (`models:/` URIs resolve through the process's
+    # tracking URI: download_artifacts' own tracking_uri argument did not reach the logged model's lookup.)
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path), tracking_uri=tracking_uri,
-                                                registry_uri=tracking_uri)
-    served = mlflow.pytorch.load_model(local)
+    mlflow.set_tracking_uri(tracking_uri)
+    served = mlflow.pytorch.load_model(model_uri, dst_path=str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(served(z), nets.g(z), rtol=1e-4, atol=1e-5)
 
