@@ -17,7 +17,7 @@ from torch import nn
 
 from dcgan_dist.errors import CheckpointError
 from dcgan_dist.files import write_atomic
-from dcgan_dist.step import unwrap
+from dcgan_dist.step import GANStep
 
 STATE_FILE = "state.pt"
 
@@ -42,24 +42,13 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def training_state(g: nn.Module, d: nn.Module, opt_g, opt_d, step: int, rng: list[dict], config: dict,
-                   ema: nn.Module | None = None, evaluation: dict | None = None,
-                   scaler: torch.amp.GradScaler | None = None) -> dict:
-    """The dict a checkpoint holds; `rng` has one entry per rank (index = rank); `ema` = G's averaged copy;
-    `evaluation` = {"values": {metric: value}, "protocols": {metric: protocol key}} when this step was scored;
-    `scaler` = the fp16 loss scaler, so a resumed run does not relearn its scale by skipping steps."""
-    return {
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "ema": ema.state_dict() if ema is not None else None,
-        "evaluation": evaluation or {},
-        "step": step,
-        "generator": unwrap(g).state_dict(),
-        "discriminator": unwrap(d).state_dict(),
-        "opt_g": opt_g.state_dict(),
-        "opt_d": opt_d.state_dict(),
-        "rng": rng,
-        "config": config,
-    }
+def training_state(step_fn: GANStep, step: int, rng: list[dict], config: dict, ema: nn.Module | None = None,
+                   evaluation: dict | None = None) -> dict:
+    """The dict a checkpoint holds: the step's own state (networks, optimizers, fp16 scale), `rng` with one entry
+    per rank (index = rank), `ema` = G's averaged copy, and `evaluation` = {"values": {metric: value},
+    "protocols": {metric: protocol key}} when this step was scored."""
+    return {**step_fn.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "evaluation": evaluation or {}, "step": step, "rng": rng, "config": config}
 
 
 def save(state: dict, directory: str | Path) -> Path:
@@ -70,11 +59,6 @@ def save(state: dict, directory: str | Path) -> Path:
     torch.save(state, buf)
     write_atomic(directory / STATE_FILE, buf.getvalue())
     return directory / STATE_FILE
-
-
-def final_generator_state(state: dict) -> dict:
-    """The weights to evaluate and export: the EMA when the run kept one, else G."""
-    return state.get("ema") or state["generator"]
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -88,23 +72,10 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
 
 
-def restore(state: dict, g: nn.Module, d: nn.Module, opt_g, opt_d, ema: nn.Module | None = None) -> None:
-    """Load networks and optimizers in place (the RNG is restored per rank by the caller).
-
-    An EMA missing from the checkpoint (EMA just switched on) starts from the restored G.
-    """
-    try:
-        unwrap(g).load_state_dict(state["generator"])
-        unwrap(d).load_state_dict(state["discriminator"])
-        if ema is not None:
-            ema.load_state_dict(state.get("ema") or state["generator"])
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint does not match the model config (model.* keys): {e}") from None
-    opt_g.load_state_dict(state["opt_g"])
-    opt_d.load_state_dict(state["opt_d"])
-
-
-def restore_scaler(state: dict, scaler: torch.amp.GradScaler | None) -> None:
-    """Load the fp16 loss scale; a checkpoint from another precision leaves the scaler at its default."""
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+def restore(state: dict, step_fn: GANStep, ema: nn.Module | None = None, t=None) -> None:
+    """Load networks, optimizers and the fp16 scale in place (the RNG is restored per rank by the caller); `t`,
+    the run's TrainConfig, sets the learning rates. An EMA missing from the checkpoint (EMA just switched on)
+    starts from the restored G."""
+    step_fn.load_state_dict(state, t)
+    if ema is not None:
+        ema.load_state_dict(state.get("ema") or state["generator"])

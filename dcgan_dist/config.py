@@ -24,7 +24,6 @@ PRESETS = {
 RESOLUTIONS = (32, 64, 128)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-METRIC_NAMES = ("swd", "fid", "kid")  # all lower-is-better; computed by dcgan_dist.metrics.registry
 
 
 def doc(text: str, default: Any) -> Any:
@@ -72,6 +71,8 @@ class TrainConfig:
                        "falls back to eager where compilation fails", "none")
     eval_every: int = doc("steps between quality evaluations, each also a checkpoint (0 = never)", 100)
     ema_decay: float = doc("generator weight EMA decay, evaluated and exported when on (0 = off; 0.999 typical)", 0.0)
+    check_replicas: bool = doc("at every checkpoint, every rank hashes G and reports it (g_digests): equal hashes "
+                               "prove DDP kept the replicas identical", False)
 
 
 @dataclass
@@ -302,8 +303,10 @@ def validate(cfg: Config) -> Config:
     mc, tc = cfg.metrics, cfg.tune
     _check(mc.num_images >= 16, "metrics.num_images", f"must be >= 16, got {mc.num_images}")
     _check(mc.batch_size >= 1, "metrics.batch_size", f"must be positive, got {mc.batch_size}")
-    _check(tc.metric in METRIC_NAMES, "tune.metric", f"must be one of {', '.join(METRIC_NAMES)}, got {tc.metric!r}")
-    _check(tc.metric == "swd" or bool(mc.inception_weights), "tune.metric",
+    from dcgan_dist.metrics.registry import METRICS  # here, not at the top: `--help` stays fast
+
+    _check(tc.metric in METRICS, "tune.metric", f"must be one of {', '.join(METRICS)}, got {tc.metric!r}")
+    _check(not METRICS[tc.metric].uses_features or bool(mc.inception_weights), "tune.metric",
            f"{tc.metric} needs metrics.inception_weights (a local or s3:// Inception weights file)")
     _check(tc.scheduler in ("asha", "pbt", "fifo"), "tune.scheduler", f"must be asha, pbt or fifo, got {tc.scheduler!r}")
     _check(tc.search in ("optuna", "random"), "tune.search", f"must be optuna or random, got {tc.search!r}")

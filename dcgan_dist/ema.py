@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from dcgan_dist.step import unwrap
+from dcgan_dist.torch_utils import unwrap
 
 
 class GeneratorEMA:
@@ -54,3 +54,11 @@ def recalibrate_bn(generator: nn.Module, nz: int, *, batches: int = 16, batch_si
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
     return generator.eval()
+
+
+def evaluated_generator(g: nn.Module, ema: nn.Module | None, nz: int, seed: int) -> nn.Module:
+    """The generator that is evaluated, sampled and exported, in eval mode: the EMA (batch norm recalibrated)
+    when the run keeps one, else G itself. Training, export and registration all go through here."""
+    if ema is None:
+        return unwrap(g).eval()
+    return recalibrate_bn(ema, nz, seed=seed)

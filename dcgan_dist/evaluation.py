@@ -20,7 +20,7 @@ from dcgan_dist import tracking
 from dcgan_dist.config import Config, set_key
 from dcgan_dist.data.loader import resolve_shards
 from dcgan_dist.errors import ConfigError, TrackingError
-from dcgan_dist.metrics.registry import Evaluator, Protocol, eval_noise, generate
+from dcgan_dist.metrics.evaluator import Evaluator, Protocol, eval_noise, fake_images
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def make_evaluator(cfg: Config, extractor=None) -> Evaluator:
 def score_generator(cfg: Config, generator, evaluator: Evaluator, device="cpu") -> tuple[dict[str, float], dict[str, Protocol]]:
     """Generate `metrics.num_images` images from the fixed evaluation noise and score them."""
     z = eval_noise(cfg.model.nz, cfg.metrics.num_images, cfg.metrics.seed)
-    fake = generate(generator, z, cfg.metrics.batch_size, device)
+    fake = fake_images(generator, z, cfg.metrics.batch_size, device)
     want = (evaluator.channels, evaluator.resolution, evaluator.resolution)
     if tuple(fake.shape[1:]) != want:
         raise ConfigError(f"the generator makes {tuple(fake.shape[1:])} images but data.url holds {want} (C, H, W)")

@@ -71,6 +71,26 @@ class Discriminator(nn.Module):
         return self.main(x).reshape(-1)
 
 
+def _channels(m: ModelConfig) -> int:
+    if not m.nc:
+        raise ValueError("model.nc is 0 (from the data): resolve it from the manifest before building networks")
+    return m.nc
+
+
+def latents(n: int, nz: int, seed: int) -> torch.Tensor:
+    """n latent vectors ~ N(0, I), the same for the same seed on every machine: sample grids, evaluation noise
+    and the experiments all draw z here."""
+    return torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(g, z: torch.Tensor, batch_size: int = 256, device=None, each=None) -> torch.Tensor:
+    """G(z) in batches (G as it is: call .eval() first for batch norm's running statistics); `each` maps every
+    batch's output (e.g. to uint8 on the CPU, so a large evaluation never holds all images on the GPU)."""
+    out = [g(z[i:i + batch_size].to(device or z.device)) for i in range(0, len(z), batch_size)]
+    return torch.cat([each(x) for x in out] if each else out)
+
+
 def init_weights(module: nn.Module) -> None:
     """The paper's init: conv weights ~ N(0, 0.02); batch-norm scale ~ N(1, 0.02), shift 0."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -80,13 +100,13 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build_generator(m: ModelConfig, nc: int) -> Generator:
-    g = Generator(m.nz, m.ngf, nc, m.resolution, m.kernel)
+def build_generator(m: ModelConfig) -> Generator:
+    g = Generator(m.nz, m.ngf, _channels(m), m.resolution, m.kernel)
     g.apply(init_weights)
     return g
 
 
-def build_discriminator(m: ModelConfig, nc: int) -> Discriminator:
-    d = Discriminator(m.ndf, nc, m.resolution, m.kernel)
+def build_discriminator(m: ModelConfig) -> Discriminator:
+    d = Discriminator(m.ndf, _channels(m), m.resolution, m.kernel)
     d.apply(init_weights)
     return d

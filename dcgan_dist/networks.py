@@ -44,7 +44,7 @@ class Networks:
     def random_discriminator(self, seed: int = 0) -> Discriminator:
         """A D of the same architecture with the paper's random init: the experiments' baseline."""
         torch.manual_seed(seed)
-        return build_discriminator(self.model, self.model.nc).eval()
+        return build_discriminator(self.model).eval()
 
 
 def log_networks(tracking_uri: str, run_id: str, name: str, version: str, generator_state: dict, state: dict,
@@ -76,7 +76,7 @@ def load_networks(tracking_uri: str, model_uri: str) -> Networks:
     except (MlflowException, OSError) as e:
         raise TrackingError(f"{model_uri}: cannot read {path} of run {mv.run_id}: {e}") from None
     model = ModelConfig(**saved["model"])
-    g, d = build_generator(model, model.nc), build_discriminator(model, model.nc)
+    g, d = build_generator(model), build_discriminator(model)
     g.load_state_dict(saved["generator"])
     d.load_state_dict(saved["discriminator"])
     return Networks(g.eval(), d.eval(), model, mv.name, str(mv.version), int(saved["step"]), mv.run_id,

@@ -16,51 +16,10 @@ import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce_logits
 
-from dcgan_dist.config import TrainConfig
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The bare module inside a DistributedDataParallel (or the module itself)."""
-    return getattr(module, "module", module)
-
-
-def to_layout(channels_last: bool, *items):
-    """Put modules/tensors in NHWC (channels_last) or leave them as they are; returns them in order."""
-    if not channels_last:
-        return items
-    return tuple(x.to(memory_format=torch.channels_last) if isinstance(x, nn.Module)
-                 else x.contiguous(memory_format=torch.channels_last) for x in items)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matmuls/convs in hardware: CUDA GPUs from Ampere on, CPUs with AMX or
-    AVX512-BF16. Elsewhere bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """train.precision 'auto' -> bf16 where the hardware has it natively, else fp32."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
-
-
-def compile_models(mode: str, *models: nn.Module) -> None:
-    """torch.compile each module's forward in place (state_dict keys unchanged, so checkpoints stay
-    portable). Where compilation fails (no compiler, an unsupported op) dynamo runs that code eagerly."""
-    if mode == "none":
-        return
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
-    for m in models:
-        m.compile(mode=None if mode == "default" else mode)
+from dcgan_dist.config import Config, TrainConfig
+from dcgan_dist.errors import CheckpointError
+from dcgan_dist.models import build_discriminator, build_generator
+from dcgan_dist.torch_utils import compile_models, resolve_precision, to_layout, unwrap
 
 
 def make_optimizers(g: nn.Module, d: nn.Module, t: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -94,11 +53,51 @@ class GANStep:
     def __init__(self, g: nn.Module, d: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
                  nz: int, precision: str = "fp32"):
         self.g, self.d, self.opt_g, self.opt_d, self.nz = g, d, opt_g, opt_d, nz
+        self.precision = precision
         self.d_params = list(unwrap(d).parameters())
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.scaler = None
         if precision == "fp16":
             self.scaler = torch.amp.GradScaler(next(unwrap(g).parameters()).device.type)
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: torch.device | str = "cpu", sync_batchnorm: bool = False) -> "GANStep":
+        """The one way training, benchmarks and tests build G, D, their optimizers and the step from a config:
+        seeded weights (identical on every rank), memory layout, torch.compile, precision ('auto' resolved)."""
+        m, t = cfg.model, cfg.train
+        torch.manual_seed(t.seed)
+        g, d = build_generator(m), build_discriminator(m)
+        if sync_batchnorm:
+            g, d = nn.SyncBatchNorm.convert_sync_batchnorm(g), nn.SyncBatchNorm.convert_sync_batchnorm(d)
+        g, d = to_layout(t.channels_last, g.to(device), d.to(device))
+        compile_models(t.compile, g, d)
+        return cls(g, d, *make_optimizers(g, d, t), m.nz, resolve_precision(t.precision, torch.device(device)))
+
+    def wrap(self, fn) -> None:
+        """Replace G and D by `fn(G)`, `fn(D)` (e.g. DDP wrappers); parameters and optimizers stay the same."""
+        self.g, self.d = fn(self.g), fn(self.d)
+
+    def state_dict(self) -> dict:
+        """Both networks, both optimizers and the fp16 loss scale: what a resumed step needs."""
+        return {"generator": unwrap(self.g).state_dict(), "discriminator": unwrap(self.d).state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict, t: TrainConfig | None = None) -> None:
+        """Load what `state_dict` saved. The config's learning rates and betas (`t`) win over the saved ones, so a
+        resumed run, or a PBT trial continuing another's checkpoint, runs what its config says. A checkpoint from
+        another precision leaves the fp16 scaler at its default scale."""
+        try:
+            unwrap(self.g).load_state_dict(state["generator"])
+            unwrap(self.d).load_state_dict(state["discriminator"])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint does not match the model config (model.* keys): {e}") from None
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        if t is not None:
+            apply_hparams(self.opt_g, self.opt_d, t)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     def _freeze_d(self, frozen: bool) -> None:
         for p in self.d_params:

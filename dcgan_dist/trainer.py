@@ -7,6 +7,7 @@ bad path or config fails in seconds with a message instead of inside a remote wo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -20,9 +21,9 @@ from ray.train.torch import TorchTrainer
 from dcgan_dist import champion, checkpoint, evaluation, networks, tracking
 from dcgan_dist.config import Config, DataConfig
 from dcgan_dist.data import shards, sources
-from dcgan_dist.data.loader import resolve_shards
+from dcgan_dist.data.loader import ShardSet, resolve_shards
 from dcgan_dist.errors import ConfigError, DataError
-from dcgan_dist.ema import recalibrate_bn
+from dcgan_dist.ema import evaluated_generator
 from dcgan_dist.metrics.inception import load_inception
 from dcgan_dist.models import build_generator
 from dcgan_dist.train_loop import UNSCORED, train_loop_per_worker
@@ -63,7 +64,7 @@ def prepare_inputs(cfg: Config) -> Config:
         cfg.ray.storage_path = str(Path(cfg.ray.storage_path).resolve())
     cfg.tracking.uri = tracking.resolve_uri(cfg.tracking.uri)
 
-    shard_set = resolve_shards(cfg.data.url)
+    shard_set = shards_of(cfg)
     if shard_set.manifest:
         if shard_set.resolution != cfg.model.resolution:
             raise ConfigError(
@@ -83,6 +84,16 @@ def prepare_inputs(cfg: Config) -> Config:
     if not cfg.train.run_name:
         cfg.train.run_name = time.strftime("dcgan-%Y%m%d-%H%M%S")
     return cfg
+
+
+_SHARDS: dict[str, ShardSet] = {}
+
+
+def shards_of(cfg: Config) -> ShardSet:
+    """`data.url` resolved once per process (listing an S3 prefix costs requests); workers get the result."""
+    if cfg.data.url not in _SHARDS:
+        _SHARDS[cfg.data.url] = resolve_shards(cfg.data.url)
+    return _SHARDS[cfg.data.url]
 
 
 def init_ray(cfg: Config) -> None:
@@ -115,7 +126,8 @@ def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
     r = cfg.ray
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from": init_from},
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from": init_from,
+                           "shards": dataclasses.asdict(shards_of(cfg))},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
         ),
@@ -130,12 +142,14 @@ def best_checkpoint(result) -> ray.train.Checkpoint:
 
 
 def export_generator(state: dict, cfg: Config):
-    """G as evaluated in training: the EMA weights (batch norm recalibrated) when the run kept an EMA."""
-    g = build_generator(cfg.model, cfg.model.nc)
-    g.load_state_dict(checkpoint.final_generator_state(state))
+    """G from a checkpoint, as training evaluated it (`ema.evaluated_generator`)."""
+    g = build_generator(cfg.model)
+    g.load_state_dict(state["generator"])
+    ema = None
     if state.get("ema"):
-        recalibrate_bn(g, cfg.model.nz, seed=cfg.metrics.seed)
-    return g.eval()
+        ema = build_generator(cfg.model)
+        ema.load_state_dict(state["ema"])
+    return evaluated_generator(g, ema, cfg.model.nz, cfg.metrics.seed)
 
 
 def register(cfg: Config, run_id: str, state: dict) -> tuple[str, bool]:

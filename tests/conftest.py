@@ -14,12 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from dcgan_dist.devtools import free_port  # noqa: F401  (re-exported for the tests)
+from dcgan_dist.bench.servers import free_port  # noqa: F401  (re-exported for the tests)
 
 # Token auth would make a later `ray start --head` + `ray job submit` fail (see PITFALLS).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The test "nodes" hold S3 credentials the way an instance profile gives them: in their environment from the
+# start, before the session's Ray (whose workers inherit it) is up. Fake keys for the loopback moto server only.
+for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ.setdefault(key, value)
 # Ray Train's controller collects reports (and registers checkpoints) at this interval, 2 s by default; tiny test
 # runs report every few steps, so most of their wall time would be this wait.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -119,13 +124,11 @@ def job_subprocess(script: str, *argv: str, cwd: Path | None = None, env: dict |
 def digits_store(tmp_path_factory, digits_dir):
     """A small DCGAN trained on the digits for a few hundred steps in-process, registered as a real model
     version (the champion) in a sqlite MLflow store. Built once; tests use a private copy (`digits_model`)."""
-    import torch
 
     from dcgan_dist import checkpoint, tracking
     from dcgan_dist.config import load_config
     from dcgan_dist.data.loader import make_batches, resolve_shards, to_model_input
-    from dcgan_dist.models import build_discriminator, build_generator
-    from dcgan_dist.step import GANStep, make_optimizers
+    from dcgan_dist.step import GANStep
     from dcgan_dist.trainer import prepare_inputs, register
 
     tmp = tmp_path_factory.mktemp("digits-model")
@@ -133,16 +136,14 @@ def digits_store(tmp_path_factory, digits_dir):
     cfg = prepare_inputs(load_config(overrides=tiny_overrides(tmp, digits_dir, **{
         "model.ngf": 16, "model.ndf": 16, "train.batch_size": 64, "train.steps": steps,
         "train.run_name": "digits-small"})))
-    torch.manual_seed(0)
-    g, d = build_generator(cfg.model, cfg.model.nc), build_discriminator(cfg.model, cfg.model.nc)
-    opt_g, opt_d = make_optimizers(g, d, cfg.train)
-    step = GANStep(g, d, opt_g, opt_d, cfg.model.nz)
+    cfg.train.channels_last, cfg.train.precision = False, "fp32"  # the same model on every machine
+    step = GANStep.from_config(cfg)
     batches = make_batches(resolve_shards(cfg.data.url), channels=cfg.model.nc, resolution=32, batch_size=64,
                            seed=0, shuffle_buffer=500)
     for _, images in zip(range(steps), batches):
         step(to_model_input(images, "cpu"))
     run_id, _ = tracking.start_run(cfg, "digits-small")
-    state = checkpoint.training_state(g, d, opt_g, opt_d, steps, [checkpoint.rng_state()], {})
+    state = checkpoint.training_state(step, steps, [checkpoint.rng_state()], {})
     version, _ = register(cfg, run_id, state)
     tracking.end_run(cfg, run_id)
     return tmp / "mlflow.db", f"models:/{cfg.tracking.model_name}/{version}"

@@ -137,7 +137,7 @@ def test_evaluate_job_scores_the_champion_on_other_data(digits_model, digits_dir
 
     from dcgan_dist.data import shards, sources
     from dcgan_dist.data.loader import resolve_shards
-    from dcgan_dist.metrics.registry import Protocol
+    from dcgan_dist.metrics.evaluator import Protocol
 
     tracking_uri, _ = digits_model
     other = tmp_path / "digits-other"

@@ -26,7 +26,12 @@ def test_cluster_yamls_pass_rays_schema_and_broken_copies_do_not(path):
     bad_name["head_node_type"] = "no-such-type"
     with pytest.raises(ValueError, match="head_node_type"):
         validate(bad_name)
-    from dcgan_dist.cluster_check import check_cluster_config
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_config", REPO / "cluster" / "check_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    check_cluster_config = module.check_cluster_config
 
     worker = next(k for k in config["available_node_types"] if k != config["head_node_type"])
     inverted = copy.deepcopy(config)

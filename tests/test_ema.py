@@ -6,15 +6,15 @@ import torch
 
 from dcgan_dist import checkpoint
 from dcgan_dist.config import load_config
-from dcgan_dist.ema import GeneratorEMA, recalibrate_bn
+from dcgan_dist.ema import GeneratorEMA, evaluated_generator, recalibrate_bn
 from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, apply_hparams, make_optimizers
+from dcgan_dist.step import GANStep, make_optimizers
 
 
 def setup(seed=0, *overrides):
-    cfg = load_config(overrides=["model.ngf=8", "model.ndf=8", *overrides])
+    cfg = load_config(overrides=["model.ngf=8", "model.ndf=8", "model.nc=1", *overrides])
     torch.manual_seed(seed)
-    g, d = build_generator(cfg.model, 1), build_discriminator(cfg.model, 1)
+    g, d = build_generator(cfg.model), build_discriminator(cfg.model)
     return cfg, g, d, *make_optimizers(g, d, cfg.train)
 
 
@@ -42,24 +42,34 @@ def test_recalibrated_batch_norm_matches_the_averaged_weights_and_is_determinist
     assert torch.equal(bn.running_mean, first) and bn.momentum == 0.1  # same result, momentum restored
 
 
-def test_checkpoint_keeps_the_ema_and_the_config_learning_rates_win_on_restore(tmp_path):
+def test_checkpoint_keeps_the_ema_and_the_exported_generator_is_the_recalibrated_ema(tmp_path):
     cfg, g, d, opt_g, opt_d = setup()
     ema = GeneratorEMA(g, decay=0.5)
     step = GANStep(g, d, opt_g, opt_d, cfg.model.nz)
     for _ in range(2):
         step(torch.rand(8, 1, 32, 32) * 2 - 1)
         ema.update(g)
-    state = checkpoint.training_state(g, d, opt_g, opt_d, 2, [checkpoint.rng_state()], cfg.to_dict(), ema.module)
-    checkpoint.save(state, tmp_path)
+    checkpoint.save(checkpoint.training_state(step, 2, [checkpoint.rng_state()], cfg.to_dict(), ema.module), tmp_path)
 
-    cfg2, g2, d2, og2, od2 = setup(1, "train.lr_g=1e-3", "train.beta1=0.0")
+    cfg2, g2, d2, og2, od2 = setup(1)
     ema2 = GeneratorEMA(g2, decay=0.5)
     loaded = checkpoint.load(tmp_path)
-    checkpoint.restore(loaded, g2, d2, og2, od2, ema2.module)
-    apply_hparams(og2, od2, cfg2.train)
+    checkpoint.restore(loaded, GANStep(g2, d2, og2, od2, cfg.model.nz), ema2.module)
     for a, b in zip(ema.module.state_dict().values(), ema2.module.state_dict().values()):
         assert torch.equal(a, b)
-    assert og2.param_groups[0]["lr"] == 1e-3 and og2.param_groups[0]["betas"] == (0.0, 0.999)
-    assert checkpoint.final_generator_state(loaded) is loaded["ema"]
-    no_ema = checkpoint.training_state(g, d, opt_g, opt_d, 2, [], {})
-    assert checkpoint.final_generator_state(no_ema) is no_ema["generator"]
+
+    # What is evaluated and exported: the EMA's weights with batch norm recalibrated from noise, else G itself.
+    from dcgan_dist.trainer import export_generator
+
+    exported = export_generator(loaded, cfg)
+    assert not exported.training
+    for name, p in exported.named_parameters():
+        assert torch.equal(p, loaded["ema"][name]) and not torch.equal(p, loaded["generator"][name])
+    expected = recalibrate_bn(ema.module, cfg.model.nz, seed=cfg.metrics.seed)
+    bn = "main.1.running_mean"
+    assert torch.equal(exported.state_dict()[bn], expected.state_dict()[bn])
+    assert not torch.equal(exported.state_dict()[bn], loaded["ema"][bn])
+    assert evaluated_generator(g, None, cfg.model.nz, 0) is g and not g.training
+    no_ema = dict(loaded, ema=None)
+    plain = export_generator(no_ema, cfg)
+    assert all(torch.equal(v, loaded["generator"][k]) for k, v in plain.state_dict().items())

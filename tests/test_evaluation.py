@@ -15,7 +15,7 @@ from dcgan_dist.config import load_config
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import read_sample, resolve_shards
 from dcgan_dist.metrics.inception import TorchExtractor
-from dcgan_dist.metrics.registry import Evaluator, Protocol
+from dcgan_dist.metrics.evaluator import Evaluator, Protocol
 from dcgan_dist.trainer import prepare_inputs
 
 

@@ -17,7 +17,7 @@ from conftest import experiments_job, run_experiment
 from dcgan_dist.data.loader import read_sample, resolve_shards, to_model_input
 from dcgan_dist.errors import ConfigError
 from dcgan_dist.experiments import forget, guided_backprop, label_boxes
-from dcgan_dist.experiments.common import generate, seeded_z
+from dcgan_dist.models import generate, latents
 from dcgan_dist.networks import load_networks
 
 
@@ -27,7 +27,7 @@ def metrics(tracking_uri, out):
 
 def stroke_boxes(nets, seed, num, labeled):
     """A 2x2 box on each bright (stroke) cell of the first `labeled` samples: the cells of G's feature grid."""
-    images = generate(nets.g, seeded_z(num, nets.model.nz, seed))
+    images = generate(nets.g, latents(num, nets.model.nz, seed))
     boxes = {}
     for i in range(labeled):
         bright = nn.functional.max_pool2d(images[i], 2)[0] > 0
@@ -91,7 +91,7 @@ def test_forget_changes_pixels_mostly_inside_the_boxes(digits_model, tmp_path):
     assert Image.open(tmp_path / "out" / "forget.png").size == (16 * 34 + 2, 2 * 34 + 2)  # 12 labeled + 4 extra
     # Control: dropping the other maps instead changes mostly the outside, so the regression picked the right ones.
     dropped = json.loads((tmp_path / "out" / "dropped.json").read_text())["dropped_maps"]
-    z, labeled = seeded_z(32, nets.model.nz, 0)[:12], list(range(12))
+    z, labeled = latents(32, nets.model.nz, 0)[:12], list(range(12))
     boxes = {int(k): v for k, v in data["boxes"].items()}
     inside = forget.box_mask(boxes, labeled, 32)
     other = forget.generate_without(nets.g, z, [c for c in range(16) if c not in dropped])

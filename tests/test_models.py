@@ -6,8 +6,8 @@ from dcgan_dist.config import load_config
 from dcgan_dist.models import Discriminator, Generator, build_discriminator, build_generator
 
 
-def cfg(res=64, preset="examples"):
-    return load_config(overrides=[f"model.resolution={res}", f"model.preset={preset}"]).model
+def cfg(res=64, preset="examples", nc=3):
+    return load_config(overrides=[f"model.resolution={res}", f"model.preset={preset}", f"model.nc={nc}"]).model
 
 
 def layers(module):
@@ -18,7 +18,7 @@ def layers(module):
 @pytest.mark.parametrize("preset", ["examples", "paper"])
 @pytest.mark.parametrize("nc", [1, 3])
 def test_shapes_and_ranges(res, preset, nc):
-    g, d = build_generator(cfg(res, preset), nc), build_discriminator(cfg(res, preset), nc)
+    g, d = build_generator(cfg(res, preset, nc)), build_discriminator(cfg(res, preset, nc))
     x = g(torch.randn(3, 100))
     assert x.shape == (3, nc, res, res)
     assert x.min() >= -1 and x.max() <= 1
@@ -30,7 +30,7 @@ def test_shapes_and_ranges(res, preset, nc):
 
 @pytest.mark.parametrize("res,n_up", [(32, 3), (64, 4), (128, 5)])
 def test_paper_rules(res, n_up):
-    g, d = build_generator(cfg(res), 3), build_discriminator(cfg(res), 3)
+    g, d = build_generator(cfg(res)), build_discriminator(cfg(res))
     gl, dl = layers(g), layers(d)
     kinds = {type(m) for m in gl + dl}
     # No pooling, no fully connected layers, no dropout: only (transposed) convs, BN and activations.
@@ -54,13 +54,13 @@ def test_paper_rules(res, n_up):
 
 
 def test_parameter_counts_examples_64():
-    g, d = build_generator(cfg(64), 3), build_discriminator(cfg(64), 3)
+    g, d = build_generator(cfg(64)), build_discriminator(cfg(64))
     assert sum(p.numel() for p in g.parameters()) == 3_576_704
     assert sum(p.numel() for p in d.parameters()) == 2_765_568
 
 
 def test_paper_preset_is_1024_channels_at_4x4_with_5x5_kernels():
-    g = build_generator(cfg(64, "paper"), 3)
+    g = build_generator(cfg(64, "paper"))
     first = g.main[0]
     assert first.out_channels == 1024
     assert all(m.kernel_size == (5, 5) for m in g.modules() if isinstance(m, nn.ConvTranspose2d) and m is not first)
@@ -68,7 +68,7 @@ def test_paper_preset_is_1024_channels_at_4x4_with_5x5_kernels():
 
 def test_init_statistics():
     torch.manual_seed(0)
-    g, d = build_generator(cfg(64), 3), build_discriminator(cfg(64), 3)
+    g, d = build_generator(cfg(64)), build_discriminator(cfg(64))
     for net in (g, d):
         for m in net.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.weight.numel() > 10_000:

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from conftest import REPO, tiny_overrides
 from dcgan_dist.data import s3, shards, sources
-from dcgan_dist.devtools import MlflowServer, MotoServer, client_env
+from dcgan_dist.bench.servers import MlflowServer, MotoServer, client_env
 from ray_cluster import fake_multinode_cluster
 
 UPLOAD_EXCLUDES = [".git", ".venv", "data", "mlflow.db", "mlruns", "mlartifacts", "ray_results", "outputs"]

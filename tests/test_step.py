@@ -4,16 +4,17 @@ import pytest
 import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce_logits
 
-from dcgan_dist.canonical import CanonicalStep
+from dcgan_dist.bench.canonical import CanonicalStep
 from dcgan_dist.config import load_config
 from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, make_optimizers, to_layout
+from dcgan_dist.step import GANStep, make_optimizers
+from dcgan_dist.torch_utils import to_layout
 
 
 def tiny(seed=0):
-    cfg = load_config(overrides=["model.ngf=8", "model.ndf=8"])
+    cfg = load_config(overrides=["model.ngf=8", "model.ndf=8", "model.nc=1"])
     torch.manual_seed(seed)
-    g, d = build_generator(cfg.model, 1), build_discriminator(cfg.model, 1)
+    g, d = build_generator(cfg.model), build_discriminator(cfg.model)
     return cfg, g, d
 
 
@@ -200,7 +201,7 @@ def fresh_dynamo():
 
 def test_compiled_step_matches_eager_and_keeps_checkpoint_keys(fresh_dynamo):
     """train.compile: forward passes compiled in place (inductor on CPU here), same updates as eager."""
-    from dcgan_dist.step import compile_models
+    from dcgan_dist.torch_utils import compile_models
 
     counters = fresh_dynamo
     cfg, g, d = tiny()
@@ -235,7 +236,7 @@ def test_compiled_step_matches_eager_and_keeps_checkpoint_keys(fresh_dynamo):
 
 
 def test_auto_precision_follows_the_hardware():
-    from dcgan_dist.step import native_bf16, resolve_precision
+    from dcgan_dist.torch_utils import native_bf16, resolve_precision
 
     cpu = torch.device("cpu")
     # torch's own CPUID probes (cpuinfo library), not /proc/cpuinfo: AVX512-BF16, or AMX (whose tile unit

@@ -47,7 +47,7 @@ def test_registering_the_same_step_of_a_run_twice_returns_the_same_version(tmp_p
 
     cfg = load_config(overrides=[f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "model.ngf=8", "model.nc=1"])
     run_id, _ = start_run(cfg, "twice")
-    g = build_generator(cfg.model, 1)
+    g = build_generator(cfg.model)
     first = log_generator(cfg, run_id, g, 12)
     assert log_generator(cfg, run_id, g, 12) == first  # a re-run of a finished run registers nothing new
     assert log_generator(cfg, run_id, g, 16) != first
@@ -69,7 +69,7 @@ def test_the_registered_generator_answers_as_a_pyfunc(tmp_path):
     cfg = load_config(overrides=[f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "model.ngf=8", "model.nc=3",
                                  "model.resolution=64"])
     run_id, _ = start_run(cfg, "served")
-    version = log_generator(cfg, run_id, build_generator(cfg.model, 3), 1)
+    version = log_generator(cfg, run_id, build_generator(cfg.model), 1)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model = mlflow.pyfunc.load_model(f"models:/dcgan-generator/{version}")
     z = np.random.default_rng(0).standard_normal((3, 100)).astype(np.float32)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,7 +17,7 @@ from mlflow import MlflowClient
 
 from conftest import tiny_overrides
 from dcgan_dist.config import load_config
-from dcgan_dist.step import resolve_precision
+from dcgan_dist.torch_utils import resolve_precision
 from dcgan_dist.tracking import find_run
 from dcgan_dist.trainer import train
 
@@ -27,7 +29,8 @@ def history(client, run_id, key):
 def test_two_worker_run_tracks_registers_and_a_rerun_extends_it(local_ray, tmp_path, digits_dir):
     """2 DDP ranks with DataLoader worker processes: MLflow run, metrics, grids, a registered champion; the same
     run name again with more steps continues that run from its checkpoint instead of starting over."""
-    base = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "e2e", "train.steps": 8, "data.num_workers": 1})
+    base = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "e2e", "train.steps": 8, "data.num_workers": 1,
+                                                   "train.check_replicas": "true"})
     cfg = load_config(overrides=base)
     out = train(cfg)
     assert out.step == 8 and out.model_version == "1"
@@ -111,7 +114,7 @@ def test_fast_options_and_ema_train_in_sync_and_register_the_best_scored_checkpo
     overrides = tiny_overrides(tmp_path, digits_dir, **{
         "train.run_name": "scored", "train.eval_every": 4, "train.checkpoint_every": 6, "train.ema_decay": 0.9,
         "ray.keep_checkpoints": 1, "train.precision": "bf16", "train.fused_adam": "true", "ray.ddp_bucket_mb": 1,
-        "ray.grad_compression": "bf16"})
+        "ray.grad_compression": "bf16", "train.check_replicas": "true"})
     cfg = load_config(overrides=overrides)
     out = train(cfg)
     digests = out.metrics["g_digests"]
@@ -143,3 +146,18 @@ def test_fast_options_and_ema_train_in_sync_and_register_the_best_scored_checkpo
 
     measured = evaluation.measurer(prepare_inputs(load_config(overrides=overrides)))(out.model_version)
     assert measured[0]["swd"] == pytest.approx(swd[best_step], rel=1e-3)
+
+
+def test_checkpoints_are_staged_in_folders_that_are_removed(local_ray, tmp_path, digits_dir):
+    """Ten checkpoints: Ray keeps the last two in storage, and the node's temp folder keeps none."""
+    def staged():
+        return set(Path(tempfile.gettempdir()).glob("dcgan-ckpt-*"))
+
+    before = staged()
+    out = train(load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{
+        "train.run_name": "staging", "train.steps": 10, "train.checkpoint_every": 1, "train.log_every": 1,
+        "ray.num_workers": 1, "ray.keep_checkpoints": 2, "tracking.register": "false"})))
+    assert out.step == 10
+    kept = sorted(p.name for p in (tmp_path / "ray_results" / "staging").glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000009", "checkpoint_00000010"]
+    assert staged() - before == set()

@@ -89,8 +89,8 @@ def bench_data(images: int = 2000, resolution: int = 64, encodings=("jpg", "raw"
     import boto3
 
     from dcgan_dist.data import s3, shards, sources
-    from dcgan_dist.data.synthetic import write_lsun_lmdb
-    from dcgan_dist.devtools import MotoServer, client_env
+    from dcgan_dist.bench.synthetic import write_lsun_lmdb
+    from dcgan_dist.bench.servers import MotoServer, client_env
 
     work = workdir or tempfile.mkdtemp(prefix="dcgan-bench-")
     db = os.path.join(work, "lmdb")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from dcgan_dist.config import load_config
-from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, compile_models, make_optimizers, resolve_precision, to_layout
+from dcgan_dist.step import GANStep
+from dcgan_dist.torch_utils import to_layout
 
 
 def _plain_loop_rate(cfg, steps: int, warmup: int) -> float:
@@ -16,10 +15,7 @@ def _plain_loop_rate(cfg, steps: int, warmup: int) -> float:
     from dcgan_dist.data.loader import make_batches, resolve_shards, to_model_input
 
     m, t = cfg.model, cfg.train
-    torch.manual_seed(t.seed)
-    g, d = to_layout(t.channels_last, build_generator(m, m.nc), build_discriminator(m, m.nc))
-    compile_models(t.compile, g, d)
-    step = GANStep(g, d, *make_optimizers(g, d, t), m.nz, resolve_precision(t.precision, torch.device("cpu")))
+    step = GANStep.from_config(cfg)
     batches = make_batches(resolve_shards(cfg.data.url), channels=m.nc, resolution=m.resolution,
                            batch_size=t.batch_size, seed=t.seed, num_workers=cfg.data.num_workers,
                            shuffle_buffer=cfg.data.shuffle_buffer)

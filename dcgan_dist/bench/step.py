@@ -8,10 +8,11 @@ from typing import Callable
 
 import torch
 
-from dcgan_dist.canonical import CanonicalStep
+from dcgan_dist.bench.canonical import CanonicalStep
 from dcgan_dist.config import load_config
 from dcgan_dist.models import build_discriminator, build_generator
-from dcgan_dist.step import GANStep, compile_models, make_optimizers, resolve_precision, to_layout
+from dcgan_dist.step import GANStep, make_optimizers
+from dcgan_dist.torch_utils import to_layout
 
 
 @functools.lru_cache
@@ -35,16 +36,14 @@ def sync(device: torch.device) -> None:
 def make_step(kind: str, resolution: int, preset: str, nc: int, device: torch.device, overrides=()):
     """The canonical step as pytorch/examples runs it (fp32, plain Adam, NCHW), or ours with the training
     defaults plus `overrides` (e.g. train.precision=bf16)."""
-    cfg = load_config(overrides=[f"model.resolution={resolution}", f"model.preset={preset}", *overrides])
-    torch.manual_seed(0)
-    g, d = build_generator(cfg.model, nc).to(device), build_discriminator(cfg.model, nc).to(device)
+    cfg = load_config(overrides=[f"model.resolution={resolution}", f"model.preset={preset}", f"model.nc={nc}",
+                                 *overrides])
     if kind == "canonical":
+        torch.manual_seed(cfg.train.seed)
+        g, d = build_generator(cfg.model).to(device), build_discriminator(cfg.model).to(device)
         cfg.train.fused_adam = False
         return CanonicalStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz), False
-    g, d = to_layout(cfg.train.channels_last, g, d)
-    compile_models(cfg.train.compile, g, d)
-    precision = resolve_precision(cfg.train.precision, device)
-    return GANStep(g, d, *make_optimizers(g, d, cfg.train), cfg.model.nz, precision), cfg.train.channels_last
+    return GANStep.from_config(cfg, device), cfg.train.channels_last
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, seconds: float = 2.0) -> float:

@@ -15,7 +15,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from dcgan_dist.errors import ConfigError
-from dcgan_dist.experiments.common import generate, seeded_z
+from dcgan_dist.models import generate, latents
 from dcgan_dist.experiments.label_boxes import read_boxes
 
 NAME = "forget"
@@ -82,7 +82,7 @@ def run(args, nets, out) -> str:
     labeled = sorted(i for i, b in boxes.items() if b)
     if not labeled:
         raise ConfigError(f"--boxes {args.boxes}: no boxes, so no positives to learn from")
-    z = seeded_z(num, nets.model.nz, seed)
+    z = latents(num, nets.model.nz, seed)
 
     feats = features(nets.g, z[labeled])
     channels, size = feats.shape[1], feats.shape[2]

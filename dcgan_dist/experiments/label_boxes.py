@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from dcgan_dist.errors import ConfigError
-from dcgan_dist.experiments.common import generate, numbered_grid, seeded_z
+from dcgan_dist.experiments.common import numbered_grid
+from dcgan_dist.models import generate, latents
 
 NAME = "label-boxes"
 HELP = "a numbered sample sheet; with --box IDX:x0,y0,x1,y1 the boxes file that `forget` reads"
@@ -98,7 +99,7 @@ def run(args, nets, out) -> str:
     for text in args.box:
         index, box = parse_box(text, args.num, resolution)
         boxes.setdefault(index, []).append(box)
-    samples = generate(nets.g, seeded_z(args.num, nets.model.nz, args.seed))
+    samples = generate(nets.g, latents(args.num, nets.model.nz, args.seed))
     out.picture("sheet.png", numbered_grid(samples, nrow=8))
     if not boxes:
         return out.finish(f"sample sheet of {args.num} (seed {args.seed}): {out.folder / 'sheet.png'}\n"

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from dcgan_dist.errors import ConfigError
-from dcgan_dist.experiments.common import generate, seeded_z
+from dcgan_dist.models import generate, latents
 
 NAME = "latent-walk"
 HELP = "interpolations between random latent points (linear and spherical), a grid, a GIF and a smoothness figure"
@@ -62,7 +62,7 @@ def run(args, nets, out) -> str:
     if args.paths < 1 or args.steps < 3 or args.gif_keyframes < 2 or args.gif_frames < 1:
         raise ConfigError("latent-walk: need --paths >= 1, --steps >= 3, --gif-keyframes >= 2, --gif-frames >= 1")
     nz = nets.model.nz
-    ends = seeded_z(2 * args.paths, nz, args.seed)
+    ends = latents(2 * args.paths, nz, args.seed)
     z0, z1 = ends[: args.paths], ends[args.paths:]
     lines, figures = [], {}
     for name, how in (("linear", lerp), ("slerp", slerp)):
@@ -75,7 +75,7 @@ def run(args, nets, out) -> str:
 
     # The GIF: a loop through keyframes, 16 walks side by side (each tile its own loop).
     tiles = 16
-    keys = seeded_z(args.gif_keyframes * tiles, nz, args.seed + 1).reshape(args.gif_keyframes, tiles, nz)
+    keys = latents(args.gif_keyframes * tiles, nz, args.seed + 1).reshape(args.gif_keyframes, tiles, nz)
     t = torch.arange(args.gif_frames).float().div(args.gif_frames).reshape(-1, 1, 1)
     z = torch.cat([slerp(keys[k][None], keys[(k + 1) % len(keys)][None], t) for k in range(len(keys))])
     images = generate(nets.g, z.reshape(-1, nz))

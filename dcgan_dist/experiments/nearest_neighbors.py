@@ -13,7 +13,7 @@ import torch
 
 from dcgan_dist.data.loader import read_sample, resolve_shards, to_model_input
 from dcgan_dist.errors import ConfigError
-from dcgan_dist.experiments.common import generate, seeded_z
+from dcgan_dist.models import generate, latents
 from dcgan_dist.experiments.feature_svm import balance, d_features, layer_sizes
 
 NAME = "nearest-neighbors"
@@ -50,7 +50,7 @@ def run(args, nets, out) -> str:
                           f"read {len(images)} from {url} (--max-images {args.max_images})")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
     held, train = images[order[:args.holdout]], images[order[args.holdout:]]
-    fake = generate(nets.g, seeded_z(max(args.num, args.holdout), nets.model.nz, args.seed))
+    fake = generate(nets.g, latents(max(args.num, args.holdout), nets.model.nz, args.seed))
 
     pixels = {"train": to_model_input(train, "cpu"), "held": to_model_input(held, "cpu"), "fake": fake}
     sizes = layer_sizes(nets.d)

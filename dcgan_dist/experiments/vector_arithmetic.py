@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from dcgan_dist.errors import ConfigError
-from dcgan_dist.experiments.common import generate, numbered_grid, parse_indices, seeded_z
+from dcgan_dist.experiments.common import numbered_grid, parse_indices
+from dcgan_dist.models import generate, latents
 
 NAME = "vector-arithmetic"
 HELP = "a numbered sample sheet, then mean(z_a) - mean(z_b) + mean(z_c) with its z neighbourhood"
@@ -38,7 +39,7 @@ def run(args, nets, out) -> str:
     if any(given) and not all(given):
         raise ConfigError("vector-arithmetic: give all of --a, --b and --c (or none, for the sample sheet)")
     picks = [parse_indices(text, f"--{name}", args.num) for text, name in zip(given, "abc")] if all(given) else None
-    z = seeded_z(args.num, nets.model.nz, args.seed)
+    z = latents(args.num, nets.model.nz, args.seed)
     samples = generate(nets.g, z)
     out.picture("sheet.png", numbered_grid(samples, nrow=8))
     if picks is None:

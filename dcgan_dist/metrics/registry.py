@@ -1,160 +1,49 @@
-"""Every quality metric by name, with the protocol that travels with each number.
+"""Every quality metric by name: what it needs and how it is computed, registered in one place.
 
-As in stylegan2-ada-pytorch's `metric_main.py`, a number is only meaningful with its protocol:
-how many real and fake images, which feature extractor (and its checksum), which data (the
-manifest's sha256), which resolution and seed. Two numbers are compared only when their
-protocols match (`Protocol.key`).
-
-`Evaluator` holds the real side, cached on disk per data manifest so that each evaluation only
-generates and scores the fake side, and scores "payloads" that any number of ranks computed
-for their share of the generated images.
+As in stylegan2-ada-pytorch's `metric_main.py`, a metric is registered once under its name; config validation,
+the evaluator and the champion rule all read this table. All of them are lower-is-better.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import logging
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from dcgan_dist.config import METRIC_NAMES, MetricsConfig
-from dcgan_dist.data.loader import ShardSet, read_sample
-from dcgan_dist.files import write_atomic
 from dcgan_dist.metrics import fid as fid_lib
-from dcgan_dist.metrics.inception import load_inception
 from dcgan_dist.metrics.swd import swd
-
-log = logging.getLogger(__name__)
-
-FEATURE_METRICS = ("fid", "kid")  # need an extractor; swd needs no weights
 
 
 @dataclass(frozen=True)
-class Protocol:
-    """What a number was measured with; equal protocols -> comparable numbers."""
-
-    metric: str
-    num_fake: int
-    num_real: int
-    resolution: int
-    data: str  # sha256 of the data manifest
-    extractor: str = ""  # "name:sha256" of the feature network ("" for swd)
-    seed: int = 0
-
-    @property
-    def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_key(cls, key: str) -> "Protocol":
-        return cls(**json.loads(key))
+class Metric:
+    name: str
+    uses_features: bool  # True: compares feature vectors (needs the Inception weights); False: uint8 pixels
+    compute: Callable[..., dict[str, float]]  # (real, fake, seed) -> {name: value, ...} (extra keys allowed)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Generator output in [-1, 1] -> uint8 images, as they would be saved to disk."""
-    return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu().contiguous()
+METRICS: dict[str, Metric] = {}
 
 
-def eval_noise(nz: int, count: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """This rank's slice of the evaluation's fixed z vectors.
-
-    The whole set depends only on (nz, count, seed), so the images scored are the same whatever
-    the number of ranks, and the same as `jobs/evaluate.py` generates for a registered model.
-    """
-    z = torch.randn(count, nz, generator=torch.Generator().manual_seed(seed + 1_000_003))
-    per_rank = -(-count // world)
-    return z[rank * per_rank:(rank + 1) * per_rank]
+def register_metric(name: str, uses_features: bool):
+    def add(fn: Callable[..., dict[str, float]]):
+        METRICS[name] = Metric(name, uses_features, fn)
+        return fn
+    return add
 
 
-@torch.no_grad()
-def generate(generator, z: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    """uint8 images from `generator` (any callable z -> images), in batches."""
-    return torch.cat([to_uint8(generator(z[i:i + batch_size].to(device))) for i in range(0, len(z), batch_size)])
+@register_metric("swd", uses_features=False)
+def _swd(real: torch.Tensor, fake: torch.Tensor, seed: int) -> dict[str, float]:
+    """Sliced Wasserstein distance of Laplacian-pyramid patches (PGGAN); also `swd_<res>` per level."""
+    return swd(real, fake, seed=seed)
 
 
-class Evaluator:
-    """Scores generated images against a fixed real sample of one dataset.
-
-    `names`: swd always; fid and kid when an extractor (the Inception weights) is configured.
-    Pass `extractor` to use another feature network (tests use a small stand-in).
-    """
-
-    def __init__(self, mcfg: MetricsConfig, shards: ShardSet, *, channels: int, resolution: int,
-                 device="cpu", extractor=None, load_real: bool = True):
-        self.cfg, self.shards = mcfg, shards
-        self.channels, self.resolution = channels, resolution
-        if extractor is None and mcfg.inception_weights:
-            extractor = load_inception(mcfg.inception_weights, mcfg.inception_sha256, device=device,
-                                       batch_size=mcfg.batch_size)
-        self.extractor = extractor
-        self.names = ("swd",) + (FEATURE_METRICS if extractor is not None else ())
-        self.real_images: torch.Tensor | None = None
-        self.real_features: np.ndarray | None = None
-        self.cache_hits: list[str] = []  # which real-side files came from the cache (tests, logs)
-        if load_real:
-            self._load_real()
-
-    # --- the real side, cached per data fingerprint ---
-    def _cache_path(self, what: str) -> Path:
-        root = Path(self.cfg.cache_dir).expanduser()
-        return root / f"real-{self.shards.fingerprint[:16]}-{self.resolution}px-n{self.cfg.num_images}-{what}.npy"
-
-    def _cached(self, what: str, compute) -> np.ndarray:
-        path = self._cache_path(what)
-        if path.is_file():
-            try:
-                arr = np.load(path, allow_pickle=False)
-                self.cache_hits.append(what)
-                return arr
-            except (ValueError, OSError) as e:
-                log.warning("metrics: ignoring unreadable cache file %s (%s)", path, e)
-        arr = compute()
-        buf = io.BytesIO()
-        np.save(buf, arr, allow_pickle=False)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, buf.getvalue())
-        except OSError as e:
-            log.warning("metrics: cannot cache real-data statistics in %s (%s)", path, e)
-        return arr
-
-    def _load_real(self) -> None:
-        self.real_images = torch.from_numpy(self._cached("images", lambda: read_sample(
-            self.shards, self.cfg.num_images, channels=self.channels, resolution=self.resolution).numpy()))
-        if self.extractor is not None:
-            tag = f"{self.extractor.name}-{self.extractor.sha256[:12]}"
-            self.real_features = self._cached(tag, lambda: self.extractor(self.real_images))
-        log.info("metrics: real side = %d images of %s (%s)", len(self.real_images), self.shards.urls[0],
-                 "cached" if self.cache_hits else "computed and cached")
-
-    # --- protocols ---
-    def protocol(self, name: str, num_fake: int) -> Protocol:
-        extractor = f"{self.extractor.name}:{self.extractor.sha256}" if name in FEATURE_METRICS else ""
-        return Protocol(name, num_fake, len(self.real_images), self.resolution, self.shards.fingerprint,
-                        extractor, self.cfg.seed)
-
-    # --- the fake side ---
-    def payload(self, fake: torch.Tensor) -> dict:
-        """What one rank contributes for its uint8 fake images: the images and, for FID/KID, features."""
-        out = {"images": fake}
-        if self.extractor is not None:
-            out["features"] = self.extractor(fake)
-        return out
-
-    def score(self, payloads: list[dict], num_fake: int | None = None) -> tuple[dict[str, float], dict[str, Protocol]]:
-        """Metric values (plus per-level swd_*) and the protocol of each named metric."""
-        fake = torch.cat([p["images"] for p in payloads])[:num_fake]
-        values = swd(self.real_images, fake, seed=self.cfg.seed)
-        if self.extractor is not None:
-            feats = np.concatenate([p["features"] for p in payloads])[:num_fake]
-            mu_r, sig_r = fid_lib.feature_stats(self.real_features)
-            values["fid"] = fid_lib.frechet_distance(mu_r, sig_r, *fid_lib.feature_stats(feats))
-            values["kid"] = fid_lib.kid(self.real_features, feats, seed=self.cfg.seed)
-        return values, {name: self.protocol(name, len(fake)) for name in self.names}
+@register_metric("fid", uses_features=True)
+def _fid(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float]:
+    return {"fid": fid_lib.frechet_distance(*fid_lib.feature_stats(real), *fid_lib.feature_stats(fake))}
 
 
-assert set(METRIC_NAMES) == {"swd", *FEATURE_METRICS}
+@register_metric("kid", uses_features=True)
+def _kid(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float]:
+    return {"kid": fid_lib.kid(real, fake, seed=seed)}

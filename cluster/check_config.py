@@ -1,6 +1,6 @@
 """Check a Ray cluster YAML before `ray up`: Ray's own schema, plus the mistakes its schema lets through.
 
-    python -m dcgan_dist.cluster_check ray_cluster.yaml
+    python cluster/check_config.py ray_cluster.yaml
 """
 
 from __future__ import annotations

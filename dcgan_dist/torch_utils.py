@@ -1,0 +1,51 @@
+"""Generic PyTorch helpers with nothing GAN-specific in them: DDP unwrapping, memory layout, bf16 detection,
+torch.compile. (As stylegan2-ada keeps such things in torch_utils/misc.py, apart from the training code.)"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The bare module inside a DistributedDataParallel (or the module itself)."""
+    return getattr(module, "module", module)
+
+
+def to_layout(channels_last: bool, *items):
+    """Put modules/tensors in NHWC (channels_last) or leave them as they are; returns them in order."""
+    if not channels_last:
+        return items
+    return tuple(x.to(memory_format=torch.channels_last) if isinstance(x, nn.Module)
+                 else x.contiguous(memory_format=torch.channels_last) for x in items)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls/convs in hardware: CUDA GPUs from Ampere on, CPUs with AMX or
+    AVX512-BF16. Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision 'auto' -> bf16 where the hardware has it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def compile_models(mode: str, *models: nn.Module) -> None:
+    """torch.compile each module's forward in place (state_dict keys unchanged, so checkpoints stay
+    portable). Where compilation fails (no compiler, an unsupported op) dynamo runs that code eagerly."""
+    if mode == "none":
+        return
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    for m in models:
+        m.compile(mode=None if mode == "default" else mode)
