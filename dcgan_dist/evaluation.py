@@ -117,10 +117,9 @@ def evaluate_registered(cfg: Config, model_uri: str, data_url: str | None = None
     values, protocols = measure_version(cfg, str(mv.version), make_evaluator(cfg))
     keys = {k: p.key for k, p in protocols.items()}
     tracking.tag_scores(cfg, str(mv.version), values, keys)
-    run = client.create_run(tracking.experiment_id(cfg), run_name=f"evaluate-{mv.name}-v{mv.version}",
-                            tags={"dcgan.evaluates": f"models:/{mv.name}/{mv.version}"})
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(f"protocol.{k}", v) for k, v in keys.items()]
-                     + [mlflow.entities.Param("data.url", tracking.redact(cfg.data.url))])
-    tracking.log_values(cfg, run.info.run_id, values, step=int(mv.tags.get("step", 0)))
-    client.set_terminated(run.info.run_id)
-    return EvalOutcome(str(mv.version), mv.tags.get("step", "?"), cfg.data.url, values, protocols, run.info.run_id)
+    run_id = tracking.create_run(cfg, f"evaluate-{mv.name}-v{mv.version}",
+                                 {"dcgan.evaluates": f"models:/{mv.name}/{mv.version}"},
+                                 {**{f"protocol.{k}": v for k, v in keys.items()}, "data.url": cfg.data.url})
+    tracking.log_values(cfg, run_id, values, step=int(mv.tags.get("step", 0)))
+    tracking.end_run(cfg, run_id)
+    return EvalOutcome(str(mv.version), mv.tags.get("step", "?"), cfg.data.url, values, protocols, run_id)

@@ -1,0 +1,142 @@
+"""Rank 0's handle on a training run: buffered metrics, sample grids and tags, sent by one background thread so
+that a slow or unreachable MLflow server never stalls or crashes training."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from torchvision.utils import make_grid
+
+from dcgan_dist.tracking.uris import redact
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """Rank 0's handle on the run: buffered metrics, sample grids, protocol tags.
+
+    Everything goes out through one background sender, in order, so a slow or unreachable MLflow
+    server never stalls or crashes training: while it is down, items are held (the oldest metric
+    batches are dropped beyond `max_held` values, with a warning) and retried every `retry_s`;
+    `close` waits up to `close_timeout_s` for the rest and warns about anything undelivered.
+    """
+
+    def __init__(self, uri: str, run_id: str, *, max_held: int = 200_000, retry_s: float = 5.0,
+                 close_timeout_s: float = 60.0, skip_logged: bool = False):
+        self.client, self.run_id, self.uri = MlflowClient(uri), run_id, redact(uri)
+        self.logged_until = 0  # steps up to here are already in the run and are not sent again
+        self.pending: list[Metric] = []  # since the last checkpoint
+        self._tags: dict[str, str] = {}
+        self.max_held, self.retry_s, self.close_timeout_s = max_held, retry_s, close_timeout_s
+        self._outbox: collections.deque[tuple[int, Callable[[], None]]] = collections.deque()  # (metric count, send)
+        self._cond = threading.Condition()
+        self._closing = False
+        self.dropped = 0
+        self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._sender.start()
+        if skip_logged:
+            # A report can return before Ray's controller registers its checkpoint, so a crash in between
+            # resumes from an older checkpoint and redoes steps whose metrics were already sent. Read where
+            # the run stands first (in the sender, so an unreachable server stalls nothing).
+            self._enqueue(0, self._read_logged_until)
+
+    def _read_logged_until(self) -> None:
+        history = self.client.get_metric_history(self.run_id, "loss_d")
+        self.logged_until = max((m.step for m in history), default=0)
+
+    def _send_metrics(self, batch: list[Metric]) -> None:
+        fresh = [m for m in batch if m.step > self.logged_until]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
+
+    def _enqueue(self, n_metrics: int, send: Callable[[], None]) -> None:
+        with self._cond:
+            self._outbox.append((n_metrics, send))
+            held = sum(n for n, _ in self._outbox)
+            while held > self.max_held and any(n for n, _ in self._outbox):
+                oldest = next(i for i, (n, _) in enumerate(self._outbox) if n)
+                held -= self._outbox[oldest][0]
+                self.dropped += self._outbox[oldest][0]
+                del self._outbox[oldest]
+                log.warning("MLflow at %s unreachable: %d metric values dropped so far (over %d held)",
+                            self.uri, self.dropped, self.max_held)
+            self._cond.notify_all()
+
+    def _send_loop(self) -> None:
+        down_since = None
+        while True:
+            with self._cond:
+                while not self._outbox and not self._closing:
+                    self._cond.wait()
+                if not self._outbox:
+                    return
+                _, send = self._outbox[0]
+            try:
+                send()
+            except Exception as e:  # the server is down or refusing: hold everything, retry later
+                if down_since is None:
+                    down_since = time.time()
+                    log.warning("MLflow at %s unreachable (%s): holding metrics and images, retrying every %.0f s",
+                                self.uri, str(e).splitlines()[0][:200], self.retry_s)
+                with self._cond:
+                    self._cond.wait(self.retry_s)
+                continue
+            with self._cond:
+                if self._outbox and self._outbox[0][1] is send:
+                    self._outbox.popleft()
+                self._cond.notify_all()
+            if down_since is not None:
+                log.warning("MLflow at %s reachable again after %.0f s: delivering held items", self.uri,
+                            time.time() - down_since)
+                down_since = None
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        ts = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+
+    def flush(self) -> None:
+        """Hand buffered metrics to the sender; called right after a checkpoint is persisted."""
+        for i in range(0, len(self.pending), 1000):  # MLflow's per-request limit
+            batch = self.pending[i : i + 1000]
+            self._enqueue(len(batch), lambda b=batch: self._send_metrics(b))
+        self.pending = []
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tag the run; a tag is sent again only when its value changes."""
+        new = {k: v for k, v in tags.items() if self._tags.get(k) != v}
+        for k, v in new.items():
+            self._enqueue(0, lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
+        self._tags.update(new)
+
+    def set_protocols(self, protocols: dict[str, str]) -> None:
+        """Tag the run with each metric's protocol (`protocol.swd` = its key)."""
+        self.set_tags({f"protocol.{k}": v for k, v in protocols.items()})
+
+    def log_grid(self, step: int, images: torch.Tensor) -> None:
+        """An 8x8 grid as `samples/step_NNNNNN.png` and in the run's image view (key `samples`)."""
+        grid = make_grid(images.detach().float().cpu(), nrow=8, padding=2, normalize=True, value_range=(-1, 1))
+        arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        self._enqueue(0, lambda: self.client.log_image(self.run_id, arr, artifact_file=f"samples/step_{step:06d}.png"))
+        self._enqueue(0, lambda: self.client.log_image(self.run_id, arr, key="samples", step=step))
+
+    def close(self) -> int:
+        """Deliver what is held (waiting up to close_timeout_s); returns, and warns about, undelivered metric values."""
+        self.flush()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._outbox, timeout=self.close_timeout_s)
+            lost = self.dropped + sum(n for n, _ in self._outbox)
+            items = len(self._outbox)
+        if items or self.dropped:
+            log.warning("MLflow at %s: %d metric values and %d items (grids, tags) were not delivered",
+                        self.uri, lost, items)
+        return lost

@@ -1,0 +1,91 @@
+"""MLflow runs: the experiment, the one way a run is created, finding a training run again by its name.
+
+The driver owns a training run (params, config, the final model); rank 0 of the workers logs metrics and sample
+grids into it (`run_logger.py`). Searches, evaluations and experiments create their runs here too.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+from dcgan_dist.config import Config
+from dcgan_dist.errors import TrackingError
+from dcgan_dist.tracking.uris import artifact_location, redact
+
+RUN_NAME_TAG = "dcgan.run_name"
+
+
+def experiment_id(cfg: Config) -> str:
+    uri = cfg.tracking.uri
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    try:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp:
+            return exp.experiment_id
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(uri))
+    except MlflowException as e:
+        raise TrackingError(f"tracking.uri {uri!r}: cannot reach MLflow ({e.message.splitlines()[0]})") from None
+
+
+def _find(cfg: Config, exp_id: str, run_name: str):
+    found = MlflowClient(cfg.tracking.uri).search_runs(
+        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    return found[0] if found else None
+
+
+def find_run(cfg: Config, run_name: str) -> str:
+    """The id of the MLflow run that tracks run name `run_name`."""
+    run = _find(cfg, experiment_id(cfg), run_name)
+    if run is None:
+        raise TrackingError(f"no MLflow run named {run_name!r} in experiment {cfg.tracking.experiment!r}")
+    return run.info.run_id
+
+
+def create_run(cfg: Config, run_name: str, tags: dict[str, str], params: dict | None = None) -> str:
+    """The one way a run is created: in the config's experiment, named and tagged, with params (redacted, each
+    cut to 500 characters). Returns the run id."""
+    client = MlflowClient(cfg.tracking.uri)
+    run_id = client.create_run(experiment_id(cfg), run_name=run_name, tags=tags).info.run_id
+    if params:
+        client.log_batch(run_id, params=[Param(k, redact(v)[:500]) for k, v in params.items()])
+    return run_id
+
+
+def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None) -> tuple[str, bool]:
+    """Create the MLflow run for `run_name`, or find it again when the run resumes. Returns (id, resumed).
+
+    `parent_run_id` nests the run under a search's run (a Tune trial).
+    """
+    exp_id = experiment_id(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    found = _find(cfg, exp_id, run_name)
+    if found:
+        run_id = found.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.log_text(run_id, redact(cfg.to_yaml()), f"config-resumed-{int(time.time())}.yaml")
+        return run_id, True
+    tags = {RUN_NAME_TAG: run_name, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    run_id = create_run(cfg, run_name, tags, cfg.flat())
+    client.log_text(run_id, redact(cfg.to_yaml()), "config.yaml")
+    return run_id, False
+
+
+def tag_run(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient(cfg.tracking.uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, redact(v))
+
+
+def log_values(cfg: Config, run_id: str, values: dict[str, float], step: int) -> None:
+    ts = int(time.time() * 1000)
+    MlflowClient(cfg.tracking.uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])
+
+
+def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(cfg.tracking.uri).set_terminated(run_id, status)
