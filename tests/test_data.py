@@ -219,3 +219,43 @@ def test_corrupt_sample_and_truncated_shards_are_skipped_and_counted(tmp_path, c
     assert it.skipped >= 3
     for needle in ("sample 0020", "shard-000001.tar truncated", "shard-000002.tar"):
         assert needle in caplog.text
+
+
+def test_a_shard_broken_mid_sample_ends_there_without_the_half_read_sample(tmp_path, caplog):
+    """webdataset's group_by_keys would flush the half-read sample (an image without its label): it is dropped."""
+    from dcgan_dist.data.loader import shard_samples
+    from dcgan_dist.experiments.common import read_labeled
+
+    whole = tar_bytes([(f"{i:04d}.{ext}", png_bytes() if ext == "png" else b"7")
+                       for i in range(5) for ext in ("png", "cls")])
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        cut = tar.getmember("0002.cls").offset_data  # sample 0002 has its image, not its label
+    (tmp_path / "shard-000000.tar").write_bytes(whole[:cut])
+    (tmp_path / "shard-000001.tar").write_bytes(whole)
+    errors = []
+    samples = list(shard_samples(str(tmp_path / "shard-000000.tar"), errors.append))
+    assert [s["__key__"] for s in samples] == ["0000", "0001"] and set(samples[0]) >= {"png", "cls", "__url__"}
+    assert len(errors) == 1 and "shard-000000.tar unreadable after key 0001" in errors[0]
+    with caplog.at_level(logging.WARNING):
+        images, labels = read_labeled(str(tmp_path), 10, channels=1, resolution=32)
+    assert images.shape == (7, 1, 32, 32) and labels.tolist() == [7] * 7
+    assert "shard-000000.tar unreadable" in caplog.text
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_raw_npy_samples_decode_as_np_load_does(version):
+    import numpy as np
+
+    from dcgan_dist.data.loader import decode_sample
+
+    def npy(arr):
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, arr, version=version, allow_pickle=True)
+        return buf.getvalue()
+
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for arr in (img, np.asfortranarray(img)):
+        assert torch.equal(decode_sample({"npy": npy(arr)}, 3, 8), torch.from_numpy(img).permute(2, 0, 1))
+    for bad in (np.array([{"x": 1}], dtype=object), img.astype(np.float32), img[:4]):
+        with pytest.raises(ValueError):
+            decode_sample({"npy": npy(bad)}, 3, 8)

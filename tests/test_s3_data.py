@@ -17,10 +17,10 @@ import pytest
 
 from conftest import REPO, free_port
 from dcgan_dist.data import s3, shards, sources
-from dcgan_dist.data.synthetic import lsun_key, write_lsun_lmdb
+from dcgan_dist.bench.synthetic import lsun_key, write_lsun_lmdb
 from dcgan_dist.data.loader import make_batches, resolve_shards
 from dcgan_dist.errors import DataError
-from dcgan_dist.devtools import MotoServer, client_env
+from dcgan_dist.bench.servers import MotoServer, client_env
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +290,7 @@ def test_inception_weights_load_from_s3_with_their_checksum_and_real_stats_come_
     from dcgan_dist.config import MetricsConfig
     from dcgan_dist.errors import ConfigError
     from dcgan_dist.metrics.inception import fid_inception_v3, load_inception
-    from dcgan_dist.metrics.registry import Evaluator
+    from dcgan_dist.metrics.evaluator import Evaluator
 
     buf = io.BytesIO()
     torch.save(fid_inception_v3().state_dict(), buf)

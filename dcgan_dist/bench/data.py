@@ -28,12 +28,11 @@ def _stream_rate(url: str, channels: int, resolution: int, batches: int, batch_s
 
 
 def _jpeg_bytes(shard_dir: str, n: int) -> list[bytes]:
-    from dcgan_dist.data.loader import iter_tar, open_shard, resolve_shards
+    from dcgan_dist.data.loader import resolve_shards, shard_samples
 
     out = []
     for url in resolve_shards(shard_dir).urls:
-        with open_shard(url) as f:
-            out += [sample["jpg"] for _, sample in iter_tar(f)]
+        out += [sample["jpg"] for sample in shard_samples(url)]
         if len(out) >= n:
             break
     return out[:n]

@@ -18,11 +18,14 @@ import tarfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache, partial
+from itertools import islice
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
 import torch
+import webdataset as wds
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
@@ -128,25 +131,69 @@ def open_shard(url: str) -> IO[bytes]:
     return open(url, "rb")
 
 
-def iter_tar(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group a tar stream's members into WebDataset samples: `key.ext` files sharing one key."""
-    key, sample = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            k, _, ext = name.partition(".")
-            if k != key and sample:
-                yield key, sample
-                sample = {}
-            key = k
-            sample[ext] = tar.extractfile(member).read()
-    if sample:
-        yield key, sample
+# webdataset has no s3:// opener: its url_opener stage (gopen) uses ours, boto3 with Range resume.
+wds.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: open_shard(url)
+
+# What a broken or missing shard raises; anything else is a bug and propagates.
+READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, DataError)
+
+
+def _warn(what) -> bool:
+    """Log and go on: `on_error` for one-off reads, and a webdataset handler (True: continue)."""
+    log.warning("data: skipping %s", what)
+    return True
+
+
+def shard_samples(url: str, on_error: Callable[[str], object] = _warn, expected: int = 0) -> Iterator[dict]:
+    """One shard's samples ({"__key__", "__url__", ext: bytes}) via webdataset's tarfile_samples
+    (url_opener -> tar_file_expander -> group_by_keys).
+
+    Adds what webdataset lacks: a broken shard is reported once to `on_error` and ends there without
+    its half-read sample, and a shard with fewer than `expected` samples (the manifest's count; tarfile
+    ends quietly at a cut header) is reported as truncated.
+    """
+    failed: list[Exception] = []
+
+    def stop(exn: Exception) -> bool:  # webdataset's handler protocol: False ends this shard
+        if not isinstance(exn, READ_ERRORS):
+            raise exn
+        failed.append(exn)
+        return False
+
+    src, key, n = {"url": url}, None, 0
+    try:
+        for sample in wds.tarfile_samples([src], handler=stop):
+            if failed:  # group_by_keys flushes the sample it was reading when the shard broke
+                break
+            key, n = sample["__key__"], n + 1
+            yield sample
+    finally:
+        if "stream" in src:  # url_opener leaves the open stream in the source dict
+            src["stream"].close()
+    if failed:
+        e = failed[0]
+        on_error(f"shard {url} unreadable after key {key}: {type(e).__name__}: {e.args[0] if e.args else e}")
+    elif n < expected:
+        on_error(f"shard {url} truncated: {n} of {expected} samples after key {key}")
 
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "npy")
+
+
+@lru_cache(maxsize=16)
+def _npy_header(header: bytes) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an .npy header, parsed once: np.load spends 2/3 of its time on it."""
+    f = io.BytesIO(header)
+    version = np.lib.format.read_magic(f)
+    return (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """np.load(allow_pickle=False) of .npy bytes (versions 1 and 2), read-only."""
+    v1 = data[6:7] == b"\x01"  # version 1 stores the header length in 2 bytes, later ones in 4
+    size = 10 + int.from_bytes(data[8:10], "little") if v1 else 12 + int.from_bytes(data[8:12], "little")
+    shape, fortran, dtype = _npy_header(data[:size])
+    return np.frombuffer(data, dtype, offset=size).reshape(shape, order="F" if fortran else "C")
 
 
 def decode_sample(sample: dict[str, bytes], channels: int, resolution: int) -> torch.Tensor:
@@ -155,10 +202,11 @@ def decode_sample(sample: dict[str, bytes], channels: int, resolution: int) -> t
     if ext is None:
         raise ValueError(f"no image field (one of {IMAGE_EXTS}) among {sorted(sample)}")
     if ext == "npy":  # raw uint8 HWC arrays: no decode cost
-        arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+        arr = _load_npy(sample[ext])
     else:
+        mode = "L" if channels == 1 else "RGB"
         with Image.open(io.BytesIO(sample[ext])) as im:
-            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+            arr = np.asarray(im if im.mode == mode else im.convert(mode))  # convert() copies even when it matches
     if arr.dtype != np.uint8 or arr.size != resolution * resolution * channels:
         raise ValueError(f"image is {arr.dtype} {arr.shape}, expected uint8 {(resolution, resolution, channels)}")
     img = torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], channels).copy()).permute(2, 0, 1)
@@ -167,11 +215,23 @@ def decode_sample(sample: dict[str, bytes], channels: int, resolution: int) -> t
     return img
 
 
+def _decode(sample: dict, channels: int, resolution: int) -> torch.Tensor:
+    """decode_sample as a wds.map stage; its error names the sample, as wds.map's handler sees only the exception.
+
+    Not wds.decode: it decodes each field alone, while this picks one image field and checks channels and size.
+    """
+    try:
+        return decode_sample(sample, channels, resolution)
+    except Exception as e:
+        raise DataError(f"sample {sample['__key__']} in {sample['__url__']}: {type(e).__name__}: {e}") from None
+
+
 class ShardStream(IterableDataset):
     """Infinite batches of uint8 images for one rank; each DataLoader worker gets its own seed.
 
     Yields dicts: `image` (B, C, H, W) uint8, `worker` (its id) and `stats`, this worker's
     cumulative `skipped` (bad samples, truncated shards) and `retries` (S3 re-requests) counts.
+    A plain IterableDataset around a wds.DataPipeline: ray's prepare_data_loader rejects WebLoader.
     """
 
     def __init__(self, urls: list[str], *, counts: dict[str, int] | None = None, channels: int, resolution: int,
@@ -187,46 +247,31 @@ class ShardStream(IterableDataset):
     def stats(self) -> dict[str, int]:
         return {"skipped": self.skipped, "retries": s3.retries()}
 
-    def _samples(self, rng: random.Random) -> Iterator[torch.Tensor]:
-        while True:
-            url = rng.choice(self.urls)
-            self.shards_read[url] += 1
-            key, seen = None, 0
-            try:
-                with open_shard(url) as f:
-                    for key, sample in iter_tar(f):
-                        seen += 1
-                        try:
-                            yield decode_sample(sample, self.channels, self.resolution)
-                        except Exception as e:
-                            self._skip(f"sample {key} in {url}: {type(e).__name__}: {e}")
-            except (tarfile.TarError, OSError, EOFError, DataError) as e:
-                self._skip(f"shard {url} unreadable after key {key}: {type(e).__name__}: {e}")
-                continue
-            if seen < self.counts.get(url, 0):  # tarfile ends quietly at a cut header
-                self._skip(f"shard {url} truncated: {seen} of {self.counts[url]} samples after key {key}")
+    def _read(self, shards: Iterator[dict]) -> Iterator[dict]:
+        """Each drawn shard's samples; per shard, as a flat tarfile_to_samples loses where a shard ended."""
+        for shard in shards:
+            self.shards_read[shard["url"]] += 1
+            yield from shard_samples(shard["url"], self._skip, self.counts.get(shard["url"], 0))
 
-    def _skip(self, what: str) -> None:
+    def _skip(self, what) -> bool:
         self.skipped += 1
         if self.skipped <= 10:
             log.warning("data: skipping %s", what)
+        return True  # as a webdataset handler: go on with the next sample
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info else 0
-        rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{self.start_step}")
-        buffer: list[torch.Tensor] = []
-        batch: list[torch.Tensor] = []
-        for img in self._samples(rng):
-            buffer.append(img)
-            if len(buffer) < self.shuffle_buffer:
-                continue
-            i = rng.randrange(len(buffer))  # emit a random held sample (swap with last, pop: O(1))
-            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            batch.append(buffer.pop())
-            if len(batch) == self.batch_size:
-                yield {"image": torch.stack(batch), "worker": worker, "stats": self.stats}
-                batch = []
+        seed = f"{self.seed}/{self.rank}/{worker}/{self.start_step}"
+        shard_seed = int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16)  # not hash(seed): it varies per process
+        return iter(wds.DataPipeline(
+            wds.ResampledShards(self.urls, worker_seed=lambda: shard_seed, deterministic=True),
+            self._read,
+            wds.map(partial(_decode, channels=self.channels, resolution=self.resolution), handler=self._skip),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed)),
+            wds.batched(self.batch_size, collation_fn=torch.stack, partial=False),
+            wds.map(lambda images: {"image": images, "worker": worker, "stats": self.stats}),
+        ))
 
 
 class Batches:
@@ -273,19 +318,8 @@ def read_sample(shards: ShardSet, n: int, *, channels: int, resolution: int, thr
     per_shard = -(-n // m)
 
     def head(url: str) -> list[torch.Tensor]:
-        out = []
-        try:
-            with open_shard(url) as f:
-                for key, sample in iter_tar(f):
-                    try:
-                        out.append(decode_sample(sample, channels, resolution))
-                    except ValueError as e:
-                        log.warning("data: skipping sample %s in %s: %s", key, url, e)
-                    if len(out) == per_shard:
-                        break
-        except (tarfile.TarError, OSError, EOFError) as e:
-            log.warning("data: shard %s unreadable after %d samples: %s", url, len(out), e)
-        return out
+        images = wds.map(partial(_decode, channels=channels, resolution=resolution), handler=_warn)(shard_samples(url))
+        return list(islice(images, per_shard))
 
     with ThreadPoolExecutor(threads) as pool:
         images = [img for part in pool.map(head, picked) for img in part][:n]

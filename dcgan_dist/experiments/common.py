@@ -1,10 +1,9 @@
-"""What every experiment shares: seeded latents, labeled real images, and its output folder + MLflow run."""
+"""What every experiment shares: labeled real images, numbered sample sheets, and its output folder + MLflow run."""
 
 from __future__ import annotations
 
 import json
 import logging
-import tarfile
 import time
 from pathlib import Path
 
@@ -18,22 +17,11 @@ from torchvision.utils import save_image  # noqa: E402
 
 from dcgan_dist import tracking  # noqa: E402
 from dcgan_dist.config import Config  # noqa: E402
-from dcgan_dist.data.loader import decode_sample, iter_tar, open_shard, resolve_shards  # noqa: E402
+from dcgan_dist.data.loader import decode_sample, resolve_shards  # noqa: E402
 from dcgan_dist.errors import ConfigError, DataError  # noqa: E402
 from dcgan_dist.networks import Networks  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-def seeded_z(n: int, nz: int, seed: int) -> torch.Tensor:
-    """n latent vectors ~ N(0, I), the same for the same seed on every machine."""
-    return torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def generate(g: torch.nn.Module, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """G(z) in [-1, 1], in batches, G in eval mode (batch norm uses its running statistics)."""
-    return torch.cat([g(z[i:i + batch]) for i in range(0, len(z), batch)])
 
 
 def parse_indices(text: str, what: str, limit: int | None = None) -> list[int]:
@@ -54,22 +42,20 @@ def read_labeled(url: str, n: int, *, channels: int, resolution: int) -> tuple[t
     """Up to n real images (uint8 N x C x R x R) with their class labels (`cls`), in shard order.
 
     Shards built from labeled sources (digits, cifar10, a folder of class subfolders) carry `cls`.
+    A broken shard is logged and skipped (shard_samples: webdataset's tar stages, one shard at a time).
     """
-    shards = resolve_shards(url)
+    from itertools import islice
+
+    from dcgan_dist.data.loader import shard_samples
+
     images, labels = [], []
-    for shard in shards.urls:
-        try:
-            with open_shard(shard) as f:
-                for key, sample in iter_tar(f):
-                    if "cls" not in sample:
-                        raise DataError(f"{url}: sample {key} in {shard} has no class label (cls); "
-                                        "build the shards from a labeled source (digits, cifar10, folder --labels subfolders)")
-                    images.append(decode_sample(sample, channels, resolution))
-                    labels.append(int(sample["cls"]))
-                    if len(images) == n:
-                        return torch.stack(images), torch.tensor(labels)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            log.warning("data: shard %s unreadable: %s", shard, e)
+    samples = (sample for shard in resolve_shards(url).urls for sample in shard_samples(shard))
+    for sample in islice(samples, n):
+        if "cls" not in sample:
+            raise DataError(f"{url}: sample {sample['__key__']} in {sample['__url__']} has no class label (cls); "
+                            "build the shards from a labeled source (digits, cifar10, folder --labels subfolders)")
+        images.append(decode_sample(sample, channels, resolution))
+        labels.append(int(sample["cls"]))
     if not images:
         raise DataError(f"{url}: no readable labeled images")
     return torch.stack(images), torch.tensor(labels)
