@@ -20,7 +20,8 @@ demo: setup
 	RAY_AUTH_MODE=disabled $(BIN)/python jobs/train.py
 
 test: setup
-	$(BIN)/python -m pytest -q tests --durations=15
+	$(BIN)/python -m pytest -q tests -m "not cluster" --durations=15   # unit + local end to end: <= 8 min
+	$(BIN)/python -m pytest -q tests -m cluster --durations=5          # own clusters and hosts: the multi-host budget
 
 bench: setup
 	$(BIN)/python jobs/benchmark.py step

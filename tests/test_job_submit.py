@@ -14,6 +14,8 @@ from mlflow import MlflowClient
 from conftest import REPO, tiny_overrides
 from ray_cluster import LocalRayCluster
 
+pytestmark = pytest.mark.cluster  # starts its own cluster or hosts: the multi-host budget
+
 UPLOAD_EXCLUDES = [".git", ".venv", "data", "mlflow.db", "mlruns", "mlartifacts", "ray_results", "outputs"]
 
 

@@ -17,6 +17,8 @@ from dcgan_dist.data import s3, shards, sources
 from dcgan_dist.bench.servers import MlflowServer, MotoServer, client_env
 from ray_cluster import fake_multinode_cluster
 
+pytestmark = pytest.mark.cluster  # starts its own cluster or hosts: the multi-host budget
+
 UPLOAD_EXCLUDES = [".git", ".venv", "data", "mlflow.db", "mlruns", "mlartifacts", "ray_results", "outputs"]
 
 

@@ -1,4 +1,5 @@
-"""The multi-host bed itself: real sockets between namespaces, real partitions, real netem, real SIGKILL."""
+"""The multi-host bed itself: real sockets between namespaces, real partitions, delayed and lossy links (tbf, and a
+relay where the kernel has no netem), real SIGKILL."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 import pytest
 
 import netbed
+
+pytestmark = pytest.mark.cluster  # starts its own hosts: the multi-host budget
 
 PORT = 7007  # ports are per namespace: nothing else listens inside a fresh host
 

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures go to files
 import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
 from dcgan_dist import tracking  # noqa: E402
@@ -91,11 +91,9 @@ class ExperimentRun:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.uri = cfg.tracking.uri
         self.client = MlflowClient(self.uri)
-        run = self.client.create_run(tracking.experiment_id(cfg), run_name=f"{name}-{nets.name}-v{nets.version}",
-                                     tags={"dcgan.experiment": name, "dcgan.evaluates": nets.uri,
-                                           "dcgan.model_step": str(nets.step)})
-        self.run_id = run.info.run_id
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+        self.run_id = tracking.create_run(cfg, f"{name}-{nets.name}-v{nets.version}",
+                                          {"dcgan.experiment": name, "dcgan.evaluates": nets.uri,
+                                           "dcgan.model_step": str(nets.step)}, params)
 
     def _log(self, path: Path) -> Path:
         self.client.log_artifact(self.run_id, str(path))
