@@ -4,6 +4,7 @@ torch.compile. (As stylegan2-ada keeps such things in torch_utils/misc.py, apart
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -49,3 +50,12 @@ def compile_models(mode: str, *models: nn.Module) -> None:
     torch._dynamo.config.suppress_errors = True
     for m in models:
         m.compile(mode=None if mode == "default" else mode)
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -25,10 +25,10 @@ from dcgan_dist.config import Config, from_dict
 from dcgan_dist.data.loader import ShardSet, make_batches, to_model_input
 from dcgan_dist.ddp_hooks import AllreduceTimer
 from dcgan_dist.ema import GeneratorEMA, evaluated_generator
-from dcgan_dist.metrics.evaluator import Evaluator, gather
+from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
-from dcgan_dist.torch_utils import to_layout, unwrap
+from dcgan_dist.torch_utils import gather, to_layout, unwrap
 from dcgan_dist.tracking import RunLogger
 
 log = logging.getLogger(__name__)

@@ -95,18 +95,24 @@ def _ns_pids(ns: str) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def _kill_ns(ns: str, timeout: float = 10.0) -> None:
-    """SIGKILL every process of a namespace until none is left; processes may fork while we kill."""
+def sigkill_until_gone(list_pids, timeout: float, pause: float = 0.05) -> list[int]:
+    """SIGKILL whatever `list_pids()` finds until it finds nothing (processes may fork while we kill) or
+    `timeout` passes; returns the survivors."""
     deadline = time.monotonic() + timeout
-    while pids := _ns_pids(ns):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"processes {pids} of namespace {ns} survived SIGKILL for {timeout:.0f} s")
+    while (pids := list_pids()) and time.monotonic() < deadline:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        time.sleep(0.05)
+        time.sleep(pause)
+    return list_pids()
+
+
+def _kill_ns(ns: str, timeout: float = 10.0) -> None:
+    """SIGKILL every process of a namespace until none is left."""
+    if survivors := sigkill_until_gone(lambda: _ns_pids(ns), timeout):
+        raise RuntimeError(f"processes {survivors} of namespace {ns} survived SIGKILL for {timeout:.0f} s")
 
 
 def _destroy(prefix: str) -> None:

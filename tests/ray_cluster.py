@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from conftest import free_port
+from netbed import sigkill_until_gone
 
 BIN = Path(sys.executable).parent
 
@@ -83,14 +84,7 @@ class LocalRayCluster:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        deadline = time.time() + 20  # some Ray processes start their own session: find them by temp dir
-        while (pids := self.leftovers()) and time.time() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
+        sigkill_until_gone(self.leftovers, 20, pause=0.5)  # some Ray processes start their own session
 
 
 def fake_multinode_cluster(config: Path, workdir: Path) -> LocalRayCluster:

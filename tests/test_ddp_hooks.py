@@ -83,7 +83,7 @@ def test_two_ranks_with_different_batches_get_the_mean_gradient(tmp_path):
     gen = torch.Generator().manual_seed(1)
     inputs = [torch.randn(32, 64, generator=gen) for _ in range(2)]
     mp.spawn(_two_rank_worker, args=(f"file://{tmp_path / 'store'}", inputs, str(tmp_path)), nprocs=2)
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     # Each rank's own gradient, computed here without DDP or any process group.
     local = []

@@ -75,15 +75,6 @@ def fake_images(generator, z: torch.Tensor, batch_size: int, device) -> torch.Te
     return generate(generator, z, batch_size, device, each=to_uint8)
 
 
-def gather(obj) -> list:
-    """Every rank's `obj`, in rank order (a one-element list when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 class Evaluator:
     """Scores generated images against a fixed real sample of one dataset.
 
