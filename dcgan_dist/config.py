@@ -81,7 +81,8 @@ class RayConfig:
     num_workers: int = doc("training workers (DDP ranks)", 2)
     use_gpu: bool = doc("one GPU per worker and NCCL; False = CPU with gloo", False)
     cpus_per_worker: float = doc("CPUs reserved per worker", 1.0)
-    storage_path: str = doc("where checkpoints go: a local folder or s3://bucket/prefix", "ray_results")
+    storage_path: str = doc("where checkpoints go: a local folder, s3://bucket/prefix, or on a cluster without S3 "
+                            "file:///folder/every/node/mounts", "ray_results")
     max_failures: int = doc("worker-group restarts allowed before the run fails (-1 = unlimited)", 2)
     keep_checkpoints: int = doc("checkpoints kept per run (oldest deleted first)", 3)
     ddp_bucket_mb: int = doc("DDP gradient bucket size in MB (smaller buckets overlap allreduce with backward earlier)", 25)

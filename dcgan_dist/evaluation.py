@@ -105,7 +105,6 @@ class EvalOutcome:
 
 def evaluate_registered(cfg: Config, model_uri: str, data_url: str | None = None) -> EvalOutcome:
     """Score a registered generator; log the numbers with their protocols to MLflow and on the version."""
-    cfg.tracking.uri = tracking.resolve_uri(cfg.tracking.uri)
     mv = resolve_version(cfg.tracking.uri, model_uri)
     client = MlflowClient(cfg.tracking.uri)
     trained = client.get_run(mv.run_id).data.params  # the model's shape and data, as it was trained

@@ -14,13 +14,14 @@ import logging
 import tempfile
 import time
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dcgan_dist import checkpoint
+from dcgan_dist import checkpoint, tracking
 from dcgan_dist.config import Config, from_dict
 from dcgan_dist.data.loader import ShardSet, make_batches, to_model_input
 from dcgan_dist.ddp_hooks import AllreduceTimer
@@ -29,7 +30,6 @@ from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
 from dcgan_dist.torch_utils import gather, to_layout, unwrap
-from dcgan_dist.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = make_batches(shards, channels=m.nc, resolution=m.resolution, batch_size=t.batch_size, seed=t.seed,
                            rank=rank, start_step=start, num_workers=cfg.data.num_workers,
                            shuffle_buffer=cfg.data.shuffle_buffer)
-    logger = RunLogger(cfg.tracking.uri, loop_config["mlflow_run_id"], skip_logged=True) if rank == 0 else None
+    logger = None
+    if rank == 0:  # the only rank that talks to MLflow, from whichever node it landed on
+        uri = tracking.as_seen_from(cfg.tracking.uri, loop_config["driver_ip"], ray.util.get_node_ip_address())
+        logger = tracking.RunLogger(uri, loop_config["mlflow_run_id"], skip_logged=True)
     if logger:
         logger.set_tags({"precision": step_fn.precision, "device": str(device)})  # what `auto` became, where
     evaluator = None

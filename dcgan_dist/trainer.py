@@ -61,8 +61,12 @@ def prepare_inputs(cfg: Config) -> Config:
             shards.build_shards(sources.Digits(), cfg.data.url, resolution=32, encoding="png")
         cfg.data.url = str(Path(cfg.data.url).resolve()) if "{" not in cfg.data.url else cfg.data.url
     if not _is_remote(cfg.ray.storage_path):
+        if cfg.ray.address:
+            raise ConfigError(
+                f"ray.storage_path {cfg.ray.storage_path!r} is a folder on this machine, but ray.address "
+                f"{cfg.ray.address!r} is a cluster: checkpoints written on a node are lost with it. Use "
+                "s3://bucket/prefix, or file:///path for a folder that every node mounts")
         cfg.ray.storage_path = str(Path(cfg.ray.storage_path).resolve())
-    cfg.tracking.uri = tracking.resolve_uri(cfg.tracking.uri)
 
     shard_set = shards_of(cfg)
     if shard_set.manifest:
@@ -127,7 +131,8 @@ def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from": init_from,
-                           "shards": dataclasses.asdict(shards_of(cfg))},
+                           "shards": dataclasses.asdict(shards_of(cfg)),
+                           "driver_ip": ray.util.get_node_ip_address()},  # where a loopback tracking URI points
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
         ),

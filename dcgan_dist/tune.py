@@ -21,6 +21,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -109,13 +110,20 @@ def _search_alg(cfg: Config):
     return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=cfg.tune.max_concurrent)
 
 
+def _trial_dirname(trial) -> str:
+    """A trial's folder is its id: `_collect` names trials by folder, because after a PBT exploit a trial's last
+    result (and the `trial_id` in it) can be its donor's."""
+    return trial.trial_id
+
+
 def _trial_name(search_name: str) -> str:
     return f"{search_name}-{tune.get_context().get_trial_id()}"
 
 
-def run_trial(params: dict, *, base: dict, search_name: str, parent_run_id: str, storage: str) -> None:
-    """One trial (runs in a Tune actor): a nested MLflow run and one or more Train runs."""
+def run_trial(params: dict, *, base: dict, search_name: str, parent_run_id: str, storage: str, driver_ip: str) -> None:
+    """One trial (runs in a Tune actor, on any node): a nested MLflow run and one or more Train runs."""
     cfg = trial_config(base, params)
+    cfg.tracking.uri = tracking.as_seen_from(cfg.tracking.uri, driver_ip, ray.util.get_node_ip_address())
     cfg.train.run_name = _trial_name(search_name)
     run_id, _ = tracking.start_run(cfg, cfg.train.run_name, parent_run_id=parent_run_id)
     if cfg.tune.scheduler == "pbt":
@@ -178,7 +186,7 @@ def search(cfg: Config, space: Space) -> SearchOutcome:
     parent_run_id = tracking.start_search_run(cfg, name, space.spec)
     trainer.init_ray(cfg)
     fn = tune.with_parameters(run_trial, base=cfg.to_dict(), search_name=name, parent_run_id=parent_run_id,
-                              storage=storage)
+                              storage=storage, driver_ip=ray.util.get_node_ip_address())
     search_alg = _search_alg(cfg)
     limit = None if isinstance(search_alg, BasicVariantGenerator) else tc.max_concurrent  # it limits itself
     tuner = tune.Tuner(
@@ -186,7 +194,7 @@ def search(cfg: Config, space: Space) -> SearchOutcome:
         param_space=space.params,
         tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=tc.num_samples,
                                     max_concurrent_trials=limit, scheduler=_scheduler(cfg, space),
-                                    search_alg=search_alg),
+                                    search_alg=search_alg, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=cfg.ray.storage_path, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -212,7 +220,7 @@ def _collect(grid, name: str, metric: str, total_steps: int) -> tuple[list[dict]
     rows, best = [], None
     for result in grid:
         df = result.metrics_dataframe
-        trial = f"{name}-{result.metrics.get('trial_id', '')}" if result.metrics else ""
+        trial = f"{name}-{Path(result.path).name}"
         row = {"trial": trial, "status": "FAILED" if result.error else "FINISHED", **result.config}
         if df is None or metric not in df or df[metric].dropna().empty:
             rows.append({**row, metric: math.nan, "steps": 0})

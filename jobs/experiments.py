@@ -42,9 +42,7 @@ def main() -> int:
     cfg = parse_config(args)
     from dcgan_dist.experiments.common import ExperimentRun
     from dcgan_dist.networks import load_networks
-    from dcgan_dist.tracking import resolve_uri
 
-    cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
     nets = load_networks(cfg.tracking.uri, args.model)
     module = modules[args.experiment]
     folder = args.out or f"outputs/experiments/{module.NAME}-v{nets.version}"

@@ -62,6 +62,8 @@ def test_train_rejects_bad_data_and_weights_before_starting_ray(tmp_path, digits
         (tiny_overrides(tmp_path, digits_dir, **{"metrics.inception_weights": tmp_path / "missing.pth"}),
          "metrics.inception_weights"),
         (tiny_overrides(tmp_path, digits_dir, **{"metrics.inception_weights": bad}), "sha256"),
+        (tiny_overrides(tmp_path, digits_dir, **{"ray.address": "auto"}),  # a node lost takes its checkpoints
+         f"ray.storage_path '{tmp_path / 'ray_results'}' is a folder on this machine, but ray.address 'auto'"),
     ]
     for overrides, needle in cases:
         assert_one_line_error(run_job("train.py", *sets(overrides), cwd=tmp_path), needle)

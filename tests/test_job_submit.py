@@ -58,6 +58,7 @@ def test_a_submit_without_the_token_or_with_a_wrong_one_is_refused(cluster):
 
 def test_ray_job_submit_trains_and_logs(cluster, tmp_path, digits_dir):
     overrides = tiny_overrides(tmp_path, digits_dir, **{"ray.address": "auto", "train.run_name": "submitted",
+                                                         "ray.storage_path": f"file://{tmp_path / 'ray_results'}",
                                                          "train.steps": 6, "train.checkpoint_every": 3})
     env = {**cluster.client_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token}
     r = submit(cluster, env, ["python", "jobs/train.py", *[x for o in overrides for x in ("--set", o)]],

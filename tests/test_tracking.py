@@ -1,7 +1,7 @@
 from mlflow import MlflowClient
 
 from dcgan_dist.config import load_config
-from dcgan_dist.tracking import redact, resolve_uri, start_run
+from dcgan_dist.tracking import as_seen_from, redact, resolve_uri, start_run
 
 
 def test_redact_strips_credentials_only():
@@ -27,6 +27,15 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_a_loopback_tracking_server_is_the_drivers_machine_seen_from_other_nodes():
+    driver, other = "10.0.0.4", "10.0.1.7"
+    assert as_seen_from("http://127.0.0.1:5000", driver, other) == "http://10.0.0.4:5000"
+    assert as_seen_from("https://u:p@localhost:5000/x", driver, other) == "https://u:p@10.0.0.4:5000/x"
+    assert as_seen_from("http://127.0.0.1:5000", driver, driver) == "http://127.0.0.1:5000"  # same node: as given
+    for uri in ("http://mlflow.internal:5000", "http://10.0.0.9:5000", "sqlite:////data/m.db"):
+        assert as_seen_from(uri, driver, other) == uri
 
 
 def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkeypatch):

@@ -1,10 +1,12 @@
-"""Tracking URIs: made absolute where workers in other folders must find the same store, and stripped of
-credentials wherever they are shown or logged."""
+"""Tracking URIs: made absolute where workers in other folders must find the same store, pointed at the driver's
+machine for processes on other nodes, and stripped of credentials wherever they are shown or logged."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 
 def resolve_uri(uri: str) -> str:
@@ -27,3 +29,22 @@ def artifact_location(uri: str) -> str | None:
     if uri.startswith(prefix + "/"):
         return (Path(uri[len(prefix):]).parent / "mlartifacts").as_uri()
     return None  # a tracking server decides (its --artifacts-destination)
+
+
+def as_seen_from(uri: str, driver_ip: str, node_ip: str) -> str:
+    """The tracking URI as a process on `node_ip` reaches it. A loopback server (`http://127.0.0.1:5000`, as the
+    README says for the server on the head) is the driver's machine, so on any other node it is at the driver's
+    address; the server must listen there too (cluster/start_mlflow.sh: MLFLOW_HOST)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or node_ip == driver_ip or not _is_loopback(parts.hostname or ""):
+        return uri
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo + '@' if userinfo else ''}{driver_ip}{f':{parts.port}' if parts.port else ''}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
