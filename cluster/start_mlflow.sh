@@ -13,9 +13,13 @@
 #                                 The server proxies artifacts, so only it needs S3 access (instance profile or
 #                                 the AWS_* variables; AWS_ENDPOINT_URL_S3 for S3-compatible stores).
 #   MLFLOW_HOST / MLFLOW_PORT     bind address (127.0.0.1: reach it through an SSH tunnel) and port (5000)
-#   MLFLOW_AUTH=basic             turn on MLflow's basic-auth app; needs MLFLOW_AUTH_ADMIN_PASSWORD (12+ characters,
-#                                 sets the admin user on first start) and MLFLOW_FLASK_SERVER_SECRET_KEY.
-#                                 Clients then set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+#   MLFLOW_SERVER_ALLOWED_HOSTS   Host headers the server answers (MLflow's own setting; its default: localhost and
+#                                 private 10.*, 172.16-31.*, 192.168.* addresses, so cluster nodes in a VPC work)
+#   MLFLOW_AUTH=basic             turn on MLflow's basic-auth app. The admin login (set on first start) is
+#                                 MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD (12+ characters), else the
+#                                 one in ~/.mlflow/credentials, the file MLflow clients read on every node.
+#                                 MLFLOW_FLASK_SERVER_SECRET_KEY: any long random string (a fresh one if unset).
+#                                 Clients log in through ~/.mlflow/credentials or MLFLOW_TRACKING_USERNAME/PASSWORD.
 set -euo pipefail
 
 state="${MLFLOW_STATE_DIR:-$HOME/mlflow-server}"
@@ -30,12 +34,17 @@ args=()
 case "${MLFLOW_AUTH:-}" in
   "") ;;
   basic)
+    creds="$HOME/.mlflow/credentials"
+    if [ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] && [ -f "$creds" ]; then  # the login every node's clients use
+      MLFLOW_AUTH_ADMIN_USERNAME="$(sed -n 's/^mlflow_tracking_username *= *//p' "$creds")"
+      MLFLOW_AUTH_ADMIN_PASSWORD="$(sed -n 's/^mlflow_tracking_password *= *//p' "$creds")"
+    fi
     if [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -lt 12 ] 2>/dev/null || [ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]; then
-      echo "error: MLFLOW_AUTH=basic needs MLFLOW_AUTH_ADMIN_PASSWORD with 12 or more characters" >&2; exit 2
+      echo "error: MLFLOW_AUTH=basic needs an admin password of 12 or more characters" \
+        "(MLFLOW_AUTH_ADMIN_PASSWORD, or mlflow_tracking_password in $creds)" >&2; exit 2
     fi
-    if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
-      echo "error: MLFLOW_AUTH=basic needs MLFLOW_FLASK_SERVER_SECRET_KEY (any long random string)" >&2; exit 2
-    fi
+    export MLFLOW_AUTH_ADMIN_PASSWORD
+    export MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
     # The users database sits next to the runs; the admin password comes from the environment, not this file.
     cat > "$state/basic_auth.ini" <<INI
 [mlflow]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 
@@ -122,6 +123,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    log.info("rank %d of %d on node %s, pid %d", rank, world, ray.util.get_node_ip_address(), os.getpid())
     device = ray.train.torch.get_device()
     m, t = cfg.model, cfg.train
 
