@@ -39,11 +39,16 @@ case "${MLFLOW_AUTH:-}" in
       MLFLOW_AUTH_ADMIN_USERNAME="$(sed -n 's/^mlflow_tracking_username *= *//p' "$creds")"
       MLFLOW_AUTH_ADMIN_PASSWORD="$(sed -n 's/^mlflow_tracking_password *= *//p' "$creds")"
     fi
-    if [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -lt 12 ] 2>/dev/null || [ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]; then
+    MLFLOW_AUTH_ADMIN_PASSWORD="${MLFLOW_AUTH_ADMIN_PASSWORD:-}"
+    if [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -lt 12 ]; then
       echo "error: MLFLOW_AUTH=basic needs an admin password of 12 or more characters" \
         "(MLFLOW_AUTH_ADMIN_PASSWORD, or mlflow_tracking_password in $creds)" >&2; exit 2
     fi
     export MLFLOW_AUTH_ADMIN_PASSWORD
+    if [ -n "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ] && [ "${#MLFLOW_FLASK_SERVER_SECRET_KEY}" -lt 32 ]; then
+      echo "error: MLFLOW_FLASK_SERVER_SECRET_KEY is shorter than 32 characters (leave it unset for a random one)" >&2
+      exit 2
+    fi
     export MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
     # The users database sits next to the runs; the admin password comes from the environment, not this file.
     cat > "$state/basic_auth.ini" <<INI

@@ -97,7 +97,7 @@ class MetricWindow:
 
 
 def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, cfg: Config, step: int, start: int, rank: int,
-                    metrics: dict, evaluation: dict | None) -> None:
+                    metrics: dict, evaluation: dict | None, logger: tracking.RunLogger | None) -> None:
     """Report this step's metrics to Ray with rank 0's checkpoint. The checkpoint is staged in a folder that is
     removed once `ray.train.report` has copied it to storage: nothing accumulates in the node's /tmp."""
     extra = {"step": step, "start_step": start,
@@ -111,6 +111,8 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, cfg: Config, ste
             state = checkpoint.training_state(step_fn, step, rngs, cfg.to_dict(), ema.module if ema else None,
                                               evaluation)
             checkpoint.save(state, staging)
+            if logger:  # what MLflow does not have yet survives a rank 0 that dies holding it
+                tracking.write_held(logger.held(), staging)
             ckpt = ray.train.Checkpoint.from_directory(staging)
         # Ray Train's report blocks until its controller polls, so it is called only with checkpoints;
         # per-step metrics go to MLflow directly.
@@ -130,7 +132,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step_fn = GANStep.from_config(cfg, device, sync_batchnorm=t.sync_batchnorm and world > 1)
     ema = GeneratorEMA(step_fn.g, t.ema_decay) if t.ema_decay > 0 else None
     start, resumed = 1, None
-    source = ray.train.get_checkpoint() or loop_config.get("init_from")  # the run's own, else a PBT donor's
+    own = ray.train.get_checkpoint()
+    source = own or loop_config.get("init_from")  # the run's own, else a PBT donor's
     if source:
         with source.as_directory() as ckpt_dir:
             resumed = checkpoint.load(ckpt_dir, map_location=device)
@@ -159,6 +162,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:  # the only rank that talks to MLflow, from whichever node it landed on
         uri = tracking.as_seen_from(cfg.tracking.uri, loop_config["driver_ip"], ray.util.get_node_ip_address())
         logger = tracking.RunLogger(uri, loop_config["mlflow_run_id"], skip_logged=True)
+        if own:  # a predecessor's undelivered metrics (a donor's belong to another run)
+            logger.resend(tracking.read_held(own))
     if logger:
         logger.set_tags({"precision": step_fn.precision, "device": str(device)})  # what `auto` became, where
     evaluator = None
@@ -198,7 +203,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          "  [checkpoint]" if save_now else "")
                 logger.add(step, metrics)
             if save_now:
-                save_checkpoint(step_fn, ema, cfg, step, start, rank, metrics, evaluation)
+                save_checkpoint(step_fn, ema, cfg, step, start, rank, metrics, evaluation, logger)
                 if logger:
                     logger.flush()  # the checkpoint is persisted: these steps will not be redone
         if sample_now:

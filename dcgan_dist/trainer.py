@@ -140,6 +140,14 @@ def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
     )
 
 
+def deliver_held(cfg: Config, run_id: str, result) -> None:
+    """Metrics rank 0 could not send before it ended travel in the last checkpoint: send them from here, or fail
+    loudly (never a green job with steps missing in MLflow)."""
+    held = tracking.read_held(result.checkpoint) if result.checkpoint else []
+    if held and (sent := tracking.deliver_held(cfg.tracking.uri, run_id, held)):
+        log.warning("delivered %d metric values that rank 0 could not send to MLflow", sent)
+
+
 def best_checkpoint(result) -> ray.train.Checkpoint:
     """The checkpoint with the lowest evaluated score (the metric), else the latest one."""
     scored = [(c, m["score"]) for c, m in (result.best_checkpoints or []) if m.get("score", UNSCORED) < UNSCORED]
@@ -184,6 +192,8 @@ def train(cfg: Config) -> TrainOutcome:
     if result.checkpoint is None:
         tracking.end_run(cfg, run_id, "FAILED")
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
+    log.info("training ended at step %s", (result.metrics or {}).get("step"))
+    deliver_held(cfg, run_id, result)
     with best_checkpoint(result).as_directory() as ckpt_dir:
         state = checkpoint.load(ckpt_dir)
     version, is_champion = register(cfg, run_id, state) if cfg.tracking.register else (None, False)

@@ -6,6 +6,7 @@
     python jobs/benchmark.py ray-overhead         # Ray Train (1 worker) vs a plain loop, and startup time
     python jobs/benchmark.py data                 # shard build, streaming (local, S3), JPEG decode (CPU, nvJPEG)
     python jobs/benchmark.py scaling              # compute + allreduce per step, predicted efficiency, 1-64 GPUs
+    python jobs/benchmark.py scaling --hosts      # the allreduce between two bed hosts on 1 and 4 Gbit/s links (root)
 
 On a GPU machine `make bench-gpu` runs all of them (the whole GPU step table in a few minutes).
 """
@@ -55,6 +56,9 @@ def main() -> int:
     sp.add_argument("--batch", type=int, default=128, help="per-GPU batch of the modelled runs")
     sp.add_argument("--gpu-tflops", type=float, default=100.0,
                     help="without a GPU: the assumed achieved TFLOP/s of one GPU on our step")
+    sp.add_argument("--hosts", action="store_true",
+                    help="instead: the allreduce between two network-namespace hosts on links shaped to 1 and 4 "
+                         "Gbit/s, measured vs the ring model (needs root; uses tests/netbed.py)")
     sp.add_argument("--json", help="write the result to this file")
     args = p.parse_args()
     from dcgan_dist.bench import data, ray_overhead, scaling, step
@@ -66,6 +70,8 @@ def main() -> int:
             variants[name] = [o for o in overrides.split(",") if o]
         rows = step.bench_step(args.resolutions, args.batches, args.preset, steps=args.steps, repeats=args.repeats,
                                 device=args.device, variants=variants)
+    elif args.what == "scaling" and args.hosts:
+        rows = scaling.measure_between_hosts(scaling.gradient_bytes(args.resolution, args.preset))
     elif args.what == "scaling":
         result = scaling.bench_scaling(args.resolution, args.preset, args.batch, args.gpu_tflops)
         print(json.dumps(result["measured"], indent=2))

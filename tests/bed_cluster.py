@@ -186,7 +186,6 @@ class BedCluster:
 
     def train_worker_pids(self, host: Host, rank: int) -> list[int]:
         """The Ray Train worker process of `rank` on `host`, found by its own log line in the host's Ray logs."""
-        logs = Path(host.ray_tmp).glob("session_*/logs/worker-*.out")
-        needle = f"rank {rank} of "
-        return [int(p.stem.rsplit("-", 1)[-1]) for p in logs if needle in p.read_text(errors="replace")
-                and int(p.stem.rsplit("-", 1)[-1]) in host.pids()]
+        logs = Path(host.ray_tmp).glob("session_latest/logs/worker-*.err")  # our logging goes to stderr
+        pids = {int(p.stem.rsplit("-", 1)[-1]) for p in logs if f"rank {rank} of " in p.read_text(errors="replace")}
+        return sorted(pids & set(host.pids()))

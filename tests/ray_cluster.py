@@ -86,15 +86,3 @@ class LocalRayCluster:
             pass
         sigkill_until_gone(self.leftovers, 20, pause=0.5)  # some Ray processes start their own session
 
-
-def fake_multinode_cluster(config: Path, workdir: Path) -> LocalRayCluster:
-    """cluster/local_cluster.yaml started as its header says: a CPU-less head plus fake worker nodes."""
-    import yaml
-
-    port = free_port()
-    cfg = yaml.safe_load(config.read_text())
-    cfg["provider"]["gcs_address"] = f"127.0.0.1:{port}"  # the file's default is 6379
-    path = workdir / "local_cluster.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return LocalRayCluster(num_cpus=0, extra_args=(f"--autoscaling-config={path}",), env={"RAY_FAKE_CLUSTER": "1"},
-                           gcs_port=port)

@@ -3,25 +3,32 @@ or degraded link, a crashed MLflow server, a lost head. One bed serves every sce
 is started: as `ray up ray_cluster.yaml` would). After each, MLflow is checked as a user would check it: every
 logged step of `loss_d` there exactly once, `train.steps` reached, a generator registered.
 
-Run only these: `.venv/bin/python -m pytest -q tests/test_chaos.py` (root and CAP_NET_ADMIN, as `make test`).
+Run only these: `.venv/bin/python -m pytest -q tests/test_chaos.py` (root and CAP_NET_ADMIN, as `make test`);
+the hosts' logs of the last run stay in /tmp/chaos-logs.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import boto3
 import pytest
 from mlflow import MlflowClient
 
 import netbed
-from bed_cluster import BedCluster, wait_for
+from bed_cluster import BIN, BedCluster, wait_for
 from dcgan_dist.data import shards, sources
 
 pytestmark = pytest.mark.cluster
 
 STEPS, LOG_EVERY, CKPT_EVERY = 16, 2, 4
+LOGS = Path("/tmp/chaos-logs")  # the last run's host logs, for whoever reads a failure
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,14 @@ def cluster(tmp_path_factory):
         for w in c.workers:
             c.start_worker(w)
         c.wait_for_workers(2)
-        yield c
+        try:
+            yield c
+        finally:  # the hosts' logs (services: moto, MLflow; head and workers: Ray's) outlive the bed
+            shutil.rmtree(LOGS, ignore_errors=True)
+            for log in bed.dir.rglob("*"):
+                if log.suffix in (".log", ".out", ".err") and log.is_file() and "runtime_resources" not in log.parts:
+                    (LOGS / log.relative_to(bed.dir)).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(log, LOGS / log.relative_to(bed.dir))
 
 
 def overrides(run_name: str, **extra) -> list[str]:
@@ -67,11 +81,12 @@ def overrides(run_name: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def expected_steps(steps: int = STEPS) -> list[int]:
-    return [s for s in range(1, steps + 1) if s % LOG_EVERY == 0 or s % CKPT_EVERY == 0]
+def expected_steps(steps: int, log_every: int, ckpt_every: int) -> list[int]:
+    return [s for s in range(1, steps + 1) if s % log_every == 0 or s % ckpt_every == 0]
 
 
-def check_run(cluster: BedCluster, run_name: str, steps: int = STEPS) -> MlflowClient:
+def check_run(cluster: BedCluster, run_name: str, steps: int = STEPS, log_every: int = LOG_EVERY,
+              ckpt_every: int = CKPT_EVERY):
     """What a user checks afterwards in MLflow: every step once, all steps there, a registered version."""
     with cluster.mlflow_login():
         client = MlflowClient(cluster.mlflow_url)
@@ -79,7 +94,7 @@ def check_run(cluster: BedCluster, run_name: str, steps: int = STEPS) -> MlflowC
                                   f"tags.`dcgan.run_name` = '{run_name}'")
         assert len(runs) == 1, [r.info.run_name for r in runs]
         history = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss_d")]
-        assert sorted(history) == expected_steps(steps), f"loss_d steps {sorted(history)}"
+        assert sorted(history) == expected_steps(steps, log_every, ckpt_every), f"loss_d steps {sorted(history)}"
         versions = client.search_model_versions(f"run_id = '{runs[0].info.run_id}'")
         assert versions, "no generator registered"
         return client, runs[0]
@@ -92,6 +107,18 @@ def s3_keys(cluster: BedCluster, bucket: str, prefix: str = "") -> list[str]:
 
 
 def test_happy_path_two_hosts_s3_and_mlflow_with_auth(cluster):
+    # Token auth is on: the dashboard's job API and `ray job submit` refuse a laptop without the token, or with
+    # a wrong one.
+    probe = ["python", "-c", "print('ran')"]
+    for token in ("", "0" * 64):
+        env = {**cluster.client_env(), "RAY_AUTH_TOKEN": token}
+        refused = subprocess.run([str(BIN / "ray"), "job", "submit", f"--address={cluster.dashboard}", "--", *probe],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "ran" not in refused.stdout, refused.stdout[-2000:]
+        assert "auth" in (refused.stdout + refused.stderr).lower(), (refused.stdout + refused.stderr)[-2000:]
+        with pytest.raises(urllib.error.HTTPError, match="401|403"):
+            urllib.request.urlopen(urllib.request.Request(f"{cluster.dashboard}/api/jobs/",
+                                                          headers={"Authorization": f"Bearer {token}"}), timeout=5)
     r = cluster.submit(overrides("happy"))
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
@@ -106,3 +133,128 @@ def test_happy_path_two_hosts_s3_and_mlflow_with_auth(cluster):
     jobs = cluster.api("/api/jobs/")
     assert cluster.mlflow_password not in str(jobs) + out and cluster.token not in str(jobs) + out
     assert cluster.mlflow_password not in str(run.data.params)
+
+
+def checkpoints(cluster: BedCluster, run_name: str) -> set[int]:
+    """Steps of the run's checkpoints in S3."""
+    keys = s3_keys(cluster, "ckpt", f"runs/{run_name}/")
+    return {int(m.group(1)) for k in keys if (m := re.search(r"checkpoint_(\d{8})/", k))}
+
+
+def wait_for_checkpoint(cluster: BedCluster, run_name: str, step: int, timeout: float = 120) -> None:
+    wait_for(lambda: step in checkpoints(cluster, run_name), timeout, f"{run_name}: the step-{step} checkpoint in S3",
+             pause=0.3)
+
+
+def finish(proc, timeout: float = 300) -> str:
+    """Wait for a `ray job submit` started with wait=False; its whole output."""
+    proc.wait(timeout)
+    out = proc.log.read_text()
+    print(out[-20000:])  # shown by pytest when the test fails
+    return out
+
+
+def test_rank1_sigkilled_while_mlflow_is_down_resumes_and_loses_nothing(cluster):
+    """Scenarios 2 and 6 in one run (they need the same long run, and the bed's budget is shared): the MLflow
+    server is SIGKILLed after the first checkpoint and restarted 60 s later; meanwhile the rank-1 Ray Train worker
+    process is SIGKILLed. Ray Train restarts the worker group from the last checkpoint; rank 0 holds what it
+    cannot send and delivers it when the server is back."""
+    steps = 48
+    # Few sample grids: what rank 0 holds while the server is down is mostly grids, delivered one by one.
+    proc = cluster.submit(overrides("sigkill", **{"train.steps": steps, "train.sample_every": 24}), wait=False)
+    wait_for_checkpoint(cluster, "sigkill", CKPT_EVERY)
+    cluster.kill_mlflow()
+    down_at = time.time()
+    wait_for_checkpoint(cluster, "sigkill", 2 * CKPT_EVERY)
+    rank1 = wait_for(lambda: [(h, p) for h in cluster.workers for p in cluster.train_worker_pids(h, 1)], 30,
+                     "the rank-1 train worker")
+    assert len(rank1) == 1, rank1
+    host, pid = rank1[0]
+    netbed.sigkill_until_gone(lambda: [pid] if pid in host.pids() else [], 10)
+    time.sleep(max(0.0, down_at + 60 - time.time()))
+    cluster.start_mlflow()
+    out = finish(proc)
+    assert proc.returncode == 0, out[-6000:]
+    assert f"finished at step {steps}" in out
+    assert re.search(r"resumed from the checkpoint of step \d+", out), out[-4000:]
+    check_run(cluster, "sigkill", steps)
+
+
+def test_a_worker_host_killed_and_back_10s_later_the_job_completes(cluster):
+    proc = cluster.submit(overrides("hostkill"), wait=False)
+    wait_for_checkpoint(cluster, "hostkill", CKPT_EVERY)
+    victim = cluster.workers[1]
+    victim.kill()
+    time.sleep(10)
+    cluster.start_worker(victim)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-6000:]
+    assert f"finished at step {STEPS}" in out
+    check_run(cluster, "hostkill")
+
+
+def test_a_worker_link_cut_for_20s_completes_or_fails_in_bounded_time(cluster):
+    proc = cluster.submit(overrides("linkcut"), wait=False)
+    wait_for_checkpoint(cluster, "linkcut", CKPT_EVERY)
+    victim = cluster.workers[0]
+    victim.cut()
+    cut_at = time.time()
+    time.sleep(20)
+    victim.restore()
+    out = finish(proc, timeout=240)
+    elapsed = time.time() - cut_at
+    if proc.returncode == 0:
+        assert f"finished at step {STEPS}" in out
+        check_run(cluster, "linkcut")
+    else:
+        assert victim.ip in out, out[-4000:]  # the error names the lost node
+    print(f"link cut: exit {proc.returncode} {elapsed:.0f} s after the cut")
+    cluster.wait_for_workers(2)  # later scenarios need both hosts
+
+
+def test_a_degraded_services_link_slows_training_but_loses_nothing(cluster):
+    """20% loss and 200 ms more round trip on the link to S3 and MLflow, for 30 s (the bed's shape() applies its
+    values in each direction: 10% and 100 ms each way). Long enough a run that shards are read and checkpoints
+    written through the bad link."""
+    steps, every = 96, 16
+    proc = cluster.submit(overrides("degraded", **{"train.steps": steps, "train.log_every": 8,
+                                                    "train.checkpoint_every": every, "train.sample_every": 48}),
+                          wait=False)
+    wait_for_checkpoint(cluster, "degraded", every)
+    cluster.services.shape(delay_ms=100, loss_pct=10)
+    try:
+        before = checkpoints(cluster, "degraded")
+        time.sleep(30)
+        during = checkpoints(cluster, "degraded") - before
+    finally:
+        cluster.services.unshape()
+    out = finish(proc)
+    assert proc.returncode == 0, out[-6000:]
+    assert during, "no checkpoint was written while the link was degraded: training stalled"
+    client, run = check_run(cluster, "degraded", steps, log_every=8, ckpt_every=every)
+    with cluster.mlflow_login():
+        retries = max(m.value for m in client.get_metric_history(run.info.run_id, "data_retries"))
+    print(f"degraded link: {len(during)} checkpoints during the 30 s, data_retries {retries:.0f}")
+
+
+def test_the_head_lost_a_resubmit_on_a_new_head_resumes_into_the_same_run(cluster):
+    steps = 48
+    proc = cluster.submit(overrides("headloss", **{"train.steps": steps}), wait=False)
+    # The second checkpoint: by then Ray's controller has registered the first (a checkpoint uploaded but not yet
+    # registered when the head dies is not resumed from: Ray Train resumes from its own record).
+    wait_for_checkpoint(cluster, "headloss", 2 * CKPT_EVERY)
+    cluster.head.kill()
+    for w in cluster.workers:  # `ray up` on a new head restarts every node's Ray (ray_cluster.yaml: `ray stop` first)
+        w.kill()
+    finish(proc, timeout=120)
+    assert proc.returncode != 0  # the laptop's `ray job submit` lost its job
+    assert max(checkpoints(cluster, "headloss")) < steps, "the run had finished before the head was lost"
+    cluster.start_head()
+    for w in cluster.workers:
+        cluster.start_worker(w)
+    cluster.wait_for_workers(2)
+    r = cluster.submit(overrides("headloss", **{"train.steps": steps}))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    assert re.search(r"resumed from the checkpoint of step \d+", out), out[-4000:]
+    check_run(cluster, "headloss", steps)  # one MLflow run, every step once

@@ -42,7 +42,7 @@ def test_cluster_yamls_pass_rays_schema_and_broken_copies_do_not(path):
     check_cluster_config(config)
 
 
-def test_the_aws_cluster_holds_no_credentials_and_binds_servers_to_loopback():
+def test_the_aws_cluster_holds_no_credentials_and_turns_authentication_on():
     text = (REPO / "ray_cluster.yaml").read_text()
     config = yaml.safe_load(text)
     assert "AWS_SECRET_ACCESS_KEY" not in text and "aws_access_key_id" not in text.lower()
@@ -52,6 +52,12 @@ def test_the_aws_cluster_holds_no_credentials_and_binds_servers_to_loopback():
     assert {types[t]["node_config"]["InstanceType"].split(".")[0] for t in types} >= {"g6", "p4d"}
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start and "start_mlflow.sh" in start
+    assert "MLFLOW_AUTH=basic" in start  # MLflow listens on the cluster network, so never without a login
+    for kind in ("head", "worker"):
+        assert "RAY_AUTH_MODE=token" in " ".join(config[f"{kind}_start_ray_commands"])
+    # Secrets reach the nodes as files, from the user's machine, never through the repository or a job.
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert config["file_mounts"]["~/.mlflow/credentials"] == "~/.mlflow/credentials"
 
 
 def test_kuberay_manifests_have_the_right_shape():

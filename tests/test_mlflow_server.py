@@ -86,6 +86,10 @@ def test_basic_auth_rejects_anonymous_clients_and_accepts_credentials(tmp_path, 
 def test_start_mlflow_refuses_weak_auth_settings(tmp_path):
     with pytest.raises(RuntimeError, match="12 or more characters"):
         MlflowServer(tmp_path / "server", env={**AUTH, "MLFLOW_AUTH_ADMIN_PASSWORD": "short"})
+    with pytest.raises(RuntimeError, match="12 or more characters"):  # missing: its own message, not `set -u`'s
+        MlflowServer(tmp_path / "server", env={k: v for k, v in AUTH.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"})
+    with pytest.raises(RuntimeError, match="SECRET_KEY is shorter than 32"):
+        MlflowServer(tmp_path / "server", env={**AUTH, "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"})
 
 
 def test_training_survives_the_tracking_server_dying_mid_run(local_ray, tmp_path, digits_dir):

@@ -89,3 +89,32 @@ def test_the_registered_generator_answers_as_a_pyfunc(tmp_path):
     np.testing.assert_allclose(np.asarray(rows)[0], one[0], rtol=1e-4, atol=1e-5)  # eval mode: per-sample output
     with pytest.raises(MlflowException, match=r"\(-1, 100\)"):
         model.predict(z[:, :50])
+
+
+def test_held_metrics_travel_in_a_checkpoint_and_are_delivered_once(tmp_path):
+    """A rank 0 that dies holding metrics (its server down) leaves them in the checkpoint; whoever reads that
+    checkpoint later sends them, skipping steps the run already has."""
+    import ray.train
+
+    from conftest import free_port
+    from dcgan_dist import tracking
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = load_config(overrides=[f"tracking.uri={uri}"])
+    run_id, _ = start_run(cfg, "held")
+    MlflowClient(uri).log_metric(run_id, "loss_d", 0.9, step=2)  # delivered before the server went away
+    logger = tracking.RunLogger(f"http://127.0.0.1:{free_port()}", run_id, retry_s=0.1, close_timeout_s=0.5)
+    for step in (2, 4):
+        logger.add(step, {"loss_d": step / 10, "loss_g": 1.0})
+    logger.flush()
+    logger.add(6, {"loss_d": 0.6, "loss_g": 1.0})
+    (tmp_path / "ckpt").mkdir()
+    tracking.write_held(logger.held(), str(tmp_path / "ckpt"))
+    assert logger.close() == 6  # the server never came back: undelivered, and said so
+
+    held = tracking.read_held(ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")))
+    assert [(m.key, m.step) for m in held] == [("loss_d", 2), ("loss_g", 2), ("loss_d", 4), ("loss_g", 4),
+                                               ("loss_d", 6), ("loss_g", 6)]
+    assert tracking.deliver_held(uri, run_id, held) == 4  # step 2 was already there
+    assert tracking.deliver_held(uri, run_id, held) == 0  # and nothing twice
+    assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss_d")] == [2, 4, 6]

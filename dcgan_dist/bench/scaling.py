@@ -133,3 +133,66 @@ def bench_scaling(resolution: int = 64, preset: str = "examples", batch: int = 1
         "model": {"gpu_batch": batch, "gpu_step_ms": round(gpu_step_s * 1e3, 3), "gpu_step_source": source,
                   "rows": efficiency_table(gpu_step_s, nbytes, nbytes / 2)},
     }
+
+
+HOST_RATES_MBIT = (1000, 4000)
+
+
+def measure_between_hosts(nbytes: int, rates_mbit=HOST_RATES_MBIT, repeats: int = 5) -> list[dict]:
+    """The step's gradient allreduce (gloo, 2 ranks) between two hosts of the test bed (network namespaces,
+    tests/netbed.py; needs root), each host's link shaped with tbf to each rate, fp32 and bf16: measured against
+    `comm_seconds`' ring model at that rate. The bed is test scaffolding, found beside this checkout."""
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parents[2] / "tests"
+    sys.path.insert(0, str(tests))
+    import netbed
+
+    netbed.require_capabilities()
+    rows = []
+    with netbed.Bed(["rank0", "rank1"]) as bed:
+        hosts = [bed["rank0"], bed["rank1"]]
+        for rate in (0, *rates_mbit):
+            for h in hosts:
+                h.unshape()
+                if rate:
+                    h.shape(rate_mbit=rate)
+            for label, dtype, size in (("fp32", "float32", nbytes), ("bf16 hook", "bfloat16", nbytes // 2)):
+                port = 29500 + len(rows)
+                code = (f"from dcgan_dist.bench.scaling import _host_rank; "
+                        f"_host_rank({{rank}}, '{hosts[0].ip}', {port}, {size}, '{dtype}', {repeats})")
+                env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1"}
+                procs = [h.spawn([sys.executable, "-c", code.format(rank=r)], env=env, log=f"allreduce-{len(rows)}.log")
+                         for r, h in enumerate(hosts)]
+                for p in procs:
+                    p.wait(timeout=300)
+                out = Path(procs[0].log).read_text()
+                if procs[0].returncode or "median_s" not in out:
+                    raise RuntimeError(f"allreduce between bed hosts failed:\n{out[-2000:]}")
+                measured = float(out.rsplit("median_s", 1)[1].split()[0])
+                row = {"link_mbit": rate or "unshaped", "gradients": label, "mb": round(size / 1e6, 2),
+                       "measured_ms": round(measured * 1e3, 1)}
+                if rate:
+                    model = comm_seconds(size, 2, rate / 1000, latency_s=0)
+                    row.update(model_ms=round(model * 1e3, 1), measured_over_model=round(measured / model, 2))
+                rows.append(row)
+    return rows
+
+
+def _host_rank(rank: int, master: str, port: int, nbytes: int, dtype: str, repeats: int) -> None:
+    """One rank of `measure_between_hosts`, run on a bed host: prints the median allreduce time (rank 0)."""
+    os.environ.update(MASTER_ADDR=master, MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    kind = getattr(torch, dtype)
+    x = torch.ones(nbytes // torch.tensor([], dtype=kind).element_size(), dtype=kind)
+    dist.all_reduce(x)  # warm up the connections
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        print("median_s", statistics.median(times), flush=True)
+    dist.destroy_process_group()

@@ -2,7 +2,7 @@
 
     uris.py        tracking URIs made absolute, credentials redacted
     runs.py        the experiment, creating runs (the one way), finding a training run by name, tags, end
-    run_logger.py  rank 0's background sender: metrics, sample grids, tags, outages survived
+    run_logger.py  rank 0's background sender: metrics, sample grids, tags, outages and a lost rank 0 survived
     registry.py    the generator as a registered model version, tagged with its scores
     search.py      a search's parent run, its trials' outcomes, the summary
 
@@ -10,7 +10,7 @@ The names are re-exported here, so callers write `tracking.start_run(...)`.
 """
 
 from dcgan_dist.tracking.registry import CHAMPION, log_generator, tag_scores
-from dcgan_dist.tracking.run_logger import RunLogger
+from dcgan_dist.tracking.run_logger import RunLogger, deliver_held, read_held, write_held
 from dcgan_dist.tracking.runs import (RUN_NAME_TAG, create_run, end_run, experiment_id, find_run, log_values,
                                       start_run, tag_run)
 from dcgan_dist.tracking.search import SEARCH_TAG, close_trial_runs, log_search_summary, start_search_run
@@ -18,5 +18,5 @@ from dcgan_dist.tracking.uris import artifact_location, as_seen_from, redact, re
 
 __all__ = ["CHAMPION", "RUN_NAME_TAG", "SEARCH_TAG", "RunLogger", "artifact_location", "as_seen_from",
            "close_trial_runs",
-           "create_run", "end_run", "experiment_id", "find_run", "log_generator", "log_search_summary", "log_values",
-           "redact", "resolve_uri", "start_run", "start_search_run", "tag_run", "tag_scores"]
+           "create_run", "deliver_held", "end_run", "experiment_id", "find_run", "log_generator", "log_search_summary", "log_values", "read_held",
+           "redact", "resolve_uri", "start_run", "start_search_run", "tag_run", "tag_scores", "write_held"]

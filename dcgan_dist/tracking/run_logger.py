@@ -4,6 +4,7 @@ that a slow or unreachable MLflow server never stalls or crashes training."""
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 import time
@@ -27,6 +28,9 @@ class RunLogger:
     server never stalls or crashes training: while it is down, items are held (the oldest metric
     batches are dropped beyond `max_held` values, with a warning) and retried every `retry_s`;
     `close` waits up to `close_timeout_s` for the rest and warns about anything undelivered.
+    Held metrics also travel in every checkpoint (`held`, `HELD_FILE`), so a rank 0 that dies with
+    them does not lose them: its successor, or the driver at the end, sends them (`resend`, `deliver_held`).
+    Delivery is in step order and skips steps the run already has, so each step lands exactly once.
     """
 
     def __init__(self, uri: str, run_id: str, *, max_held: int = 200_000, retry_s: float = 5.0,
@@ -36,7 +40,7 @@ class RunLogger:
         self.pending: list[Metric] = []  # since the last checkpoint
         self._tags: dict[str, str] = {}
         self.max_held, self.retry_s, self.close_timeout_s = max_held, retry_s, close_timeout_s
-        self._outbox: collections.deque[tuple[int, Callable[[], None]]] = collections.deque()  # (metric count, send)
+        self._outbox: collections.deque[tuple[list[Metric], Callable[[], None]]] = collections.deque()  # (metrics, send)
         self._cond = threading.Condition()
         self._closing = False
         self.dropped = 0
@@ -46,25 +50,24 @@ class RunLogger:
             # A report can return before Ray's controller registers its checkpoint, so a crash in between
             # resumes from an older checkpoint and redoes steps whose metrics were already sent. Read where
             # the run stands first (in the sender, so an unreachable server stalls nothing).
-            self._enqueue(0, self._read_logged_until)
+            self._enqueue([], self._read_logged_until)
 
     def _read_logged_until(self) -> None:
-        history = self.client.get_metric_history(self.run_id, "loss_d")
-        self.logged_until = max((m.step for m in history), default=0)
+        self.logged_until = logged_until(self.client, self.run_id)
 
     def _send_metrics(self, batch: list[Metric]) -> None:
         fresh = [m for m in batch if m.step > self.logged_until]
         if fresh:
             self.client.log_batch(self.run_id, metrics=fresh)
 
-    def _enqueue(self, n_metrics: int, send: Callable[[], None]) -> None:
+    def _enqueue(self, metrics: list[Metric], send: Callable[[], None]) -> None:
         with self._cond:
-            self._outbox.append((n_metrics, send))
-            held = sum(n for n, _ in self._outbox)
-            while held > self.max_held and any(n for n, _ in self._outbox):
-                oldest = next(i for i, (n, _) in enumerate(self._outbox) if n)
-                held -= self._outbox[oldest][0]
-                self.dropped += self._outbox[oldest][0]
+            self._outbox.append((metrics, send))
+            held = sum(len(m) for m, _ in self._outbox)
+            while held > self.max_held and any(m for m, _ in self._outbox):
+                oldest = next(i for i, (m, _) in enumerate(self._outbox) if m)
+                held -= len(self._outbox[oldest][0])
+                self.dropped += len(self._outbox[oldest][0])
                 del self._outbox[oldest]
                 log.warning("MLflow at %s unreachable: %d metric values dropped so far (over %d held)",
                             self.uri, self.dropped, self.max_held)
@@ -104,16 +107,25 @@ class RunLogger:
 
     def flush(self) -> None:
         """Hand buffered metrics to the sender; called right after a checkpoint is persisted."""
-        for i in range(0, len(self.pending), 1000):  # MLflow's per-request limit
-            batch = self.pending[i : i + 1000]
-            self._enqueue(len(batch), lambda b=batch: self._send_metrics(b))
+        self.resend(self.pending)
         self.pending = []
+
+    def resend(self, metrics: list[Metric]) -> None:
+        """Queue metrics for sending (steps the run already has are skipped when they go out)."""
+        for i in range(0, len(metrics), 1000):  # MLflow's per-request limit
+            batch = metrics[i : i + 1000]
+            self._enqueue(batch, lambda b=batch: self._send_metrics(b))
+
+    def held(self) -> list[Metric]:
+        """Every metric not yet known delivered, oldest first: what a checkpoint carries (`HELD_FILE`)."""
+        with self._cond:
+            return [m for batch, _ in self._outbox for m in batch] + list(self.pending)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tag the run; a tag is sent again only when its value changes."""
         new = {k: v for k, v in tags.items() if self._tags.get(k) != v}
         for k, v in new.items():
-            self._enqueue(0, lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
+            self._enqueue([], lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
         self._tags.update(new)
 
     def set_protocols(self, protocols: dict[str, str]) -> None:
@@ -124,8 +136,8 @@ class RunLogger:
         """An 8x8 grid as `samples/step_NNNNNN.png` and in the run's image view (key `samples`)."""
         grid = make_grid(images.detach().float().cpu(), nrow=8, padding=2, normalize=True, value_range=(-1, 1))
         arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        self._enqueue(0, lambda: self.client.log_image(self.run_id, arr, artifact_file=f"samples/step_{step:06d}.png"))
-        self._enqueue(0, lambda: self.client.log_image(self.run_id, arr, key="samples", step=step))
+        self._enqueue([], lambda: self.client.log_image(self.run_id, arr, artifact_file=f"samples/step_{step:06d}.png"))
+        self._enqueue([], lambda: self.client.log_image(self.run_id, arr, key="samples", step=step))
 
     def close(self) -> int:
         """Deliver what is held (waiting up to close_timeout_s); returns, and warns about, undelivered metric values."""
@@ -134,9 +146,43 @@ class RunLogger:
             self._closing = True
             self._cond.notify_all()
             self._cond.wait_for(lambda: not self._outbox, timeout=self.close_timeout_s)
-            lost = self.dropped + sum(n for n, _ in self._outbox)
+            lost = self.dropped + sum(len(m) for m, _ in self._outbox)
             items = len(self._outbox)
         if items or self.dropped:
             log.warning("MLflow at %s: %d metric values and %d items (grids, tags) were not delivered",
                         self.uri, lost, items)
         return lost
+
+
+HELD_FILE = "held_metrics.json"  # in a checkpoint folder: metrics rank 0 had not delivered when it was saved
+
+
+def write_held(metrics: list[Metric], directory: str) -> None:
+    rows = [[m.key, m.value, m.timestamp, m.step] for m in metrics]
+    with open(f"{directory}/{HELD_FILE}", "w") as f:
+        json.dump(rows, f)
+
+
+def read_held(checkpoint) -> list[Metric]:
+    """The held metrics of a `ray.train.Checkpoint`, read alone (not the whole checkpoint) from wherever it is."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{HELD_FILE}") as f:
+            return [Metric(k, v, ts, step) for k, v, ts, step in json.loads(f.read())]
+    except FileNotFoundError:
+        return []
+
+
+def logged_until(client: MlflowClient, run_id: str) -> int:
+    """The last step of `loss_d` in the run: metrics go out in step order, so every step up to it is there."""
+    return max((m.step for m in client.get_metric_history(run_id, "loss_d")), default=0)
+
+
+def deliver_held(uri: str, run_id: str, metrics: list[Metric]) -> int:
+    """The driver's last resort after training: send what rank 0 could not (synchronously; raises if MLflow is
+    unreachable, so a job never ends green with metrics missing). Returns how many values it sent."""
+    client = MlflowClient(uri)
+    last = logged_until(client, run_id)
+    fresh = [m for m in metrics if m.step > last]
+    for i in range(0, len(fresh), 1000):
+        client.log_batch(run_id, metrics=fresh[i : i + 1000])
+    return len(fresh)
