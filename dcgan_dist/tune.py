@@ -228,7 +228,9 @@ def _collect(grid, name: str, metric: str, total_steps: int) -> tuple[list[dict]
             continue
         scored = df.dropna(subset=[metric])
         i = scored[metric].idxmin()
-        steps = int(df["step"].max())
+        # A PBT trial exploited at its last perturbation ends on its donor's checkpoint (and last result), which
+        # reached further than the trial's own rows.
+        steps = max(int(df["step"].max()), int((result.metrics or {}).get("step", 0)))
         row.update({metric: float(scored.loc[i, metric]), "best_step": int(scored.loc[i, "step"]), "steps": steps})
         if steps < result.config.get("train.steps", total_steps) and not result.error:
             row["status"] = "STOPPED"  # the scheduler ended it early

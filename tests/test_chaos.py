@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import subprocess
 import time
 import urllib.error
@@ -34,7 +35,7 @@ LOGS = Path("/tmp/chaos-logs")  # the last run's host logs, for whoever reads a 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     netbed.require_capabilities()
-    with netbed.Bed(["services", "head", "worker-1", "worker-2"]) as bed:
+    with netbed.Bed(["services", "head", "worker-1", "worker-2", "outsider"]) as bed:
         c = BedCluster(bed)
         c.start_services()
         # The data, built on the laptop straight into the services host's S3 (README "Bring your own data").
@@ -132,7 +133,33 @@ def test_happy_path_two_hosts_s3_and_mlflow_with_auth(cluster):
     # Secrets stay on the nodes: not in the job's runtime_env or logs, nor in MLflow params.
     jobs = cluster.api("/api/jobs/")
     assert cluster.mlflow_password not in str(jobs) + out and cluster.token not in str(jobs) + out
-    assert cluster.mlflow_password not in str(run.data.params)
+    assert cluster.mlflow_password not in str(run.data.params) + str(run.data.tags)
+    secrets_ = (cluster.token.encode(), cluster.mlflow_password.encode())
+    s3 = boto3.client("s3", endpoint_url=cluster.s3_url)
+    for key in s3_keys(cluster, "ckpt", "runs/happy/"):  # checkpoint files
+        body = s3.get_object(Bucket="ckpt", Key=key)["Body"].read()
+        assert not any(x in body for x in secrets_), key
+    for host in (cluster.head, *cluster.workers):  # every Ray log of every node
+        for log in host.ray_tmp.glob("session_*/logs/*"):
+            if log.is_file():
+                assert not any(x in log.read_bytes() for x in secrets_), log
+
+
+def test_outsiders_and_clients_without_credentials_are_refused(cluster):
+    """A host on the same network but not in the cluster, and a cluster node without the MLflow login."""
+    outsider = cluster.bed["outsider"]
+    join = outsider.run([sys.executable, "-c", f"import ray; ray.init(address='{cluster.head.ip}:6379'); print('joined')"],
+                        env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, timeout=90)
+    assert join.returncode != 0 and "joined" not in join.stdout, join.stdout[-2000:]
+    probe = ("import mlflow, sys; c = mlflow.MlflowClient(sys.argv[1]); "
+             "print(len(c.search_experiments()), 'experiments')")
+    for host in (outsider, cluster.workers[0]):
+        bare = host.dir / "bare-home"  # no ~/.mlflow/credentials here
+        bare.mkdir(exist_ok=True)
+        r = host.run([sys.executable, "-c", probe, cluster.mlflow_url], env={"HOME": str(bare)}, timeout=90)
+        assert r.returncode != 0 and "401" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+    r = cluster.workers[0].run([sys.executable, "-c", probe, cluster.mlflow_url], timeout=90)  # with its login
+    assert r.returncode == 0 and "experiments" in r.stdout, (r.stdout + r.stderr)[-2000:]
 
 
 def checkpoints(cluster: BedCluster, run_name: str) -> set[int]:

@@ -60,20 +60,211 @@ def test_the_aws_cluster_holds_no_credentials_and_turns_authentication_on():
     assert config["file_mounts"]["~/.mlflow/credentials"] == "~/.mlflow/credentials"
 
 
-def test_kuberay_manifests_have_the_right_shape():
-    docs = list(yaml.safe_load_all((REPO / "cluster" / "kuberay.yaml").read_text()))
-    kinds = {d["kind"]: d for d in docs}
-    assert {"RayCluster", "RayJob"} <= set(kinds)
+# The Kubernetes API schema the manifests are checked against: one that kubernetes-validate ships.
+K8S_VERSION = "1.33"
+GPU_IMAGE = "rayproject/ray:2.60.0"
+TOKEN_SECRET, MLFLOW_SECRET = "dcgan-dist-ray-token", "dcgan-dist-mlflow"
+SUBMITTER = {"dcgan-dist/submitter": "true"}
+DASHBOARD = 8265
+CONTAINER_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def kuberay_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all((REPO / "cluster" / "kuberay.yaml").read_text()) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def ray_cluster_spec(doc: dict) -> dict:
+    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
+def ray_templates(doc: dict) -> dict[str, dict]:
+    """The Ray pod templates of a RayCluster or a RayJob's cluster, by group ("head" or the worker group)."""
+    spec = ray_cluster_spec(doc)
+    workers = {group["groupName"]: group["template"] for group in spec["workerGroupSpecs"]}
+    return {"head": spec["headGroupSpec"]["template"], **workers}
+
+
+def pod_templates(doc: dict) -> dict[str, dict]:
+    """Every pod template in a KubeRay resource: the Ray pods, and a RayJob's submitter."""
+    templates = ray_templates(doc)
+    if "submitterPodTemplate" in doc["spec"]:
+        templates["submitter"] = doc["spec"]["submitterPodTemplate"]
+    return templates
+
+
+def as_pod_template(template: dict) -> dict:
+    """A KubeRay pod template as a core v1 PodTemplate, the nearest built-in kind with a schema."""
+    return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template}
+
+
+def with_autoscaler(doc: dict) -> dict:
+    """The head template with the autoscaler sidecar KubeRay adds from autoscalerOptions, when it is on."""
+    spec = ray_cluster_spec(doc)
+    head = copy.deepcopy(spec["headGroupSpec"]["template"])
+    if spec.get("enableInTreeAutoscaling"):
+        options = spec["autoscalerOptions"]
+        fields = ("env", "envFrom", "resources", "securityContext", "volumeMounts", "imagePullPolicy")
+        head["spec"]["containers"].append({"name": "autoscaler", "image": head["spec"]["containers"][0]["image"],
+                                          **{k: options[k] for k in fields if k in options}})
+    return head
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def assert_from_secret(container: dict, name: str, secret: str, key: str) -> None:
+    entry = env_of(container).get(name)
+    assert entry is not None, f"{container['name']}: no {name}"
+    assert "value" not in entry, f"{container['name']}: {name} is a literal"
+    assert entry["valueFrom"]["secretKeyRef"] == {"name": secret, "key": key}, container["name"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are checked here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def same_namespace_peer_selects(peer: dict, labels: dict) -> bool:
+    return set(peer) == {"podSelector"} and selects(peer["podSelector"], labels)
+
+
+def assert_policed(policies: list[dict], pod_labels: dict) -> None:
+    """A NetworkPolicy selects these pods and lets in their own cluster's pods on any port, everyone it names
+    besides only on the dashboard port, and no one it does not name; the submitter is among those named."""
+    mine = [p for p in policies if selects(p["spec"]["podSelector"], pod_labels)]
+    assert mine, f"no NetworkPolicy selects {pod_labels}"
+    submitter_let_in = False
+    for policy in mine:
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule open to every source"
+            own = all(same_namespace_peer_selects(peer, pod_labels) for peer in rule["from"])
+            if not own:
+                assert rule.get("ports") == [{"protocol": "TCP", "port": DASHBOARD}], policy["metadata"]["name"]
+                submitter_let_in |= any(same_namespace_peer_selects(peer, SUBMITTER) for peer in rule["from"])
+    assert submitter_let_in, f"the submitter cannot reach the dashboard of {pod_labels}"
+
+
+def test_kuberay_manifests_have_the_right_shape_and_pass_the_kubernetes_schema():
+    import kubernetes_validate
+
+    docs = kuberay_docs()
+    assert {"RayCluster", "RayJob", "Secret", "NetworkPolicy"} <= {d["kind"] for d in docs}
     for d in docs:
-        assert d["apiVersion"].startswith("ray.io/")
-    cluster = kinds["RayCluster"]["spec"]
+        if d["apiVersion"].startswith("ray.io/"):
+            # No schema for KubeRay's kinds here: their pod templates are plain Kubernetes and are checked as such.
+            for group, template in {**pod_templates(d), "head+autoscaler": with_autoscaler(d)}.items():
+                try:
+                    kubernetes_validate.validate(as_pod_template(template), K8S_VERSION, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    raise AssertionError(f"{d['kind']} {group}: {list(e.path)}: {e.message}") from None
+        else:
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+
+    [cluster_doc], [job_doc] = by_kind(docs, "RayCluster"), by_kind(docs, "RayJob")
+    cluster = cluster_doc["spec"]
     assert cluster["rayVersion"] == "2.60.0"
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert head["image"].startswith("rayproject/ray:2.60.0")
+    assert head["image"].startswith(GPU_IMAGE)
     assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"
     workers = cluster["workerGroupSpecs"][0]
     limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == 1 and workers["minReplicas"] <= workers["maxReplicas"]
-    job = kinds["RayJob"]["spec"]
+    job = job_doc["spec"]
     assert "jobs/train.py" in job["entrypoint"] and "ray.address=auto" in job["entrypoint"]
+    assert job["rayClusterSpec"]["rayVersion"] == "2.60.0"
     assert job["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"] == workers["groupName"]
+    for d in (cluster_doc, job_doc):
+        for group, template in pod_templates(d).items():
+            assert template["spec"]["containers"][0]["image"].startswith(GPU_IMAGE), (d["kind"], group)
+
+
+def test_kuberay_manifests_turn_token_auth_on_and_lock_the_pods_down():
+    docs = kuberay_docs()
+    policies = by_kind(docs, "NetworkPolicy")
+    for doc in by_kind(docs, "RayCluster") + by_kind(docs, "RayJob"):
+        where = f"{doc['kind']} {doc['metadata']['name']}"
+        spec = ray_cluster_spec(doc)
+        assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", where
+        templates = {**pod_templates(doc), "head": with_autoscaler(doc)}
+        for group, template in templates.items():
+            assert template["spec"]["securityContext"] == POD_SECURITY, (where, group)
+            for container in template["spec"]["containers"]:
+                # Every Ray process (the autoscaler and `ray job submit` included) speaks token auth, from the Secret.
+                assert env_of(container)["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}
+                assert_from_secret(container, "RAY_AUTH_TOKEN", TOKEN_SECRET, "auth_token")
+                assert container["securityContext"] == CONTAINER_SECURITY, (where, container["name"])
+                resources = container["resources"]
+                for kind in ("requests", "limits"):
+                    assert {"cpu", "memory"} <= set(resources[kind]), (where, container["name"], kind)
+        for group, template in ray_templates(doc).items():
+            ray = template["spec"]["containers"][0]
+            # Drivers (on the head) and the training workers log to MLflow.
+            assert_from_secret(ray, "MLFLOW_TRACKING_USERNAME", MLFLOW_SECRET, "username")
+            assert_from_secret(ray, "MLFLOW_TRACKING_PASSWORD", MLFLOW_SECRET, "password")
+            if group != "head":
+                assert ray["resources"]["requests"]["nvidia.com/gpu"] == ray["resources"]["limits"]["nvidia.com/gpu"] >= 1
+        # The pods as KubeRay labels them; a RayJob's cluster name is generated, so its templates carry the labels.
+        if doc["kind"] == "RayCluster":
+            assert_policed(policies, {"ray.io/cluster": doc["metadata"]["name"]})
+        else:
+            origin = {"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": doc["metadata"]["name"]}
+            for group, template in ray_templates(doc).items():
+                assert origin.items() <= template["metadata"]["labels"].items(), group
+            assert_policed(policies, {**origin, "ray.io/cluster": "generated"})
+            assert SUBMITTER.items() <= doc["spec"]["submitterPodTemplate"]["metadata"]["labels"].items()
+            assert spec["authOptions"] == {"mode": "token", "secretName": TOKEN_SECRET}  # the operator's own token
+
+    [job] = by_kind(docs, "RayJob")
+    assert job["spec"]["backoffLimit"] >= 1 and job["spec"]["activeDeadlineSeconds"] > 0
+    assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] > 0
+    for service in by_kind(docs, "Service"):
+        assert service["spec"].get("type", "ClusterIP") not in {"LoadBalancer", "NodePort"}
+    # Nothing secret in the file: the Secrets hold placeholders only, and no env var carries a credential literally.
+    secrets = {s["metadata"]["name"]: s for s in by_kind(docs, "Secret")}
+    assert set(secrets) == {TOKEN_SECRET, MLFLOW_SECRET}
+    assert set(secrets[TOKEN_SECRET]["stringData"]) == {"auth_token"}
+    assert set(secrets[MLFLOW_SECRET]["stringData"]) == {"username", "password"}
+    for secret in secrets.values():
+        assert "data" not in secret and all(v.startswith("FILL_ME") for v in secret["stringData"].values())
+
+    def env_entries(node):
+        if isinstance(node, dict):
+            if "name" in node and ("value" in node or "valueFrom" in node):
+                yield node
+            for v in node.values():
+                yield from env_entries(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from env_entries(v)
+
+    for entry in env_entries(docs):
+        if any(word in entry["name"] for word in ("TOKEN", "PASSWORD", "SECRET", "KEY", "USERNAME")):
+            assert "value" not in entry, entry["name"]
+
+
+def test_the_kubernetes_schema_check_fails_a_misspelled_field_and_a_wrong_type():
+    import kubernetes_validate
+
+    docs = kuberay_docs()
+    [cluster] = by_kind(docs, "RayCluster")
+    template = cluster["spec"]["workerGroupSpecs"][0]["template"]
+    misspelled = copy.deepcopy(template)
+    misspelled["spec"]["containers"][0]["securityContxt"] = misspelled["spec"]["containers"][0].pop("securityContext")
+    wrong_type = copy.deepcopy(template)
+    wrong_type["spec"]["securityContext"]["runAsUser"] = "1000"
+    for broken, complaint in ((misspelled, "securityContxt"), (wrong_type, "not of type")):
+        with pytest.raises(kubernetes_validate.ValidationError, match=complaint):
+            kubernetes_validate.validate(as_pod_template(broken), K8S_VERSION, strict=True)
+    kubernetes_validate.validate(as_pod_template(template), K8S_VERSION, strict=True)
+    policy = copy.deepcopy(by_kind(docs, "NetworkPolicy")[0])
+    policy["spec"]["policyTypes"] = "Ingress"  # a list in the API
+    with pytest.raises(kubernetes_validate.ValidationError, match="not of type"):
+        kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
