@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import ray
 import ray.train
@@ -96,6 +98,18 @@ class MetricWindow:
         return metrics
 
 
+STAGING = "dcgan-ckpt-"  # staging folders are named dcgan-ckpt-<pid>-<random>
+
+
+def _remove_stale_staging() -> None:
+    """A worker SIGKILLed while staging (Ray stopping a trial, a restart, a crash) cannot clean up after itself:
+    whoever stages next on the node removes the folders of processes that no longer exist."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING}*-*"):
+        pid = folder.name[len(STAGING):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, cfg: Config, step: int, start: int, rank: int,
                     metrics: dict, evaluation: dict | None, logger: tracking.RunLogger | None) -> None:
     """Report this step's metrics to Ray with rank 0's checkpoint. The checkpoint is staged in a folder that is
@@ -105,7 +119,8 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, cfg: Config, ste
     rngs = gather(checkpoint.rng_state())
     if cfg.train.check_replicas:  # every rank hashes G: equal digests prove DDP kept the replicas identical
         extra["g_digests"] = gather(param_digest(step_fn.g))
-    with tempfile.TemporaryDirectory(prefix="dcgan-ckpt-") as staging:
+    _remove_stale_staging()
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING}{os.getpid()}-") as staging:
         ckpt = None
         if rank == 0:
             state = checkpoint.training_state(step_fn, step, rngs, cfg.to_dict(), ema.module if ema else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -153,7 +154,13 @@ def test_checkpoints_are_staged_in_folders_that_are_removed(local_ray, tmp_path,
     def staged():
         return set(Path(tempfile.gettempdir()).glob("dcgan-ckpt-*"))
 
-    before = staged()
+    # A folder left by a worker that was SIGKILLed while staging (its pid is gone): the next save removes it.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = Path(tempfile.gettempdir()) / f"dcgan-ckpt-{dead.pid}-orphan"
+    orphan.mkdir()
+    (orphan / "state.pt").write_bytes(b"half")
+    before = staged() - {orphan}
     out = train(load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{
         "train.run_name": "staging", "train.steps": 10, "train.checkpoint_every": 1, "train.log_every": 1,
         "ray.num_workers": 1, "ray.keep_checkpoints": 2, "tracking.register": "false"})))
@@ -161,3 +168,4 @@ def test_checkpoints_are_staged_in_folders_that_are_removed(local_ray, tmp_path,
     kept = sorted(p.name for p in (tmp_path / "ray_results" / "staging").glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000009", "checkpoint_00000010"]
     assert staged() - before == set()
+    assert not orphan.exists()
