@@ -70,7 +70,7 @@ def resolve_version(tracking_uri: str, uri: str):
 def load_registered(tracking_uri: str, name: str, version: str):
     """The registered generator as a callable z -> images (a torch.export GraphModule, CPU)."""
     mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(f"models:/{name}/{version}")
+    model = tracking.load_generator(f"models:/{name}/{version}").generator
     return lambda z: model(z.float().cpu())
 
 

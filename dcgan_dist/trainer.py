@@ -166,12 +166,17 @@ def export_generator(state: dict, cfg: Config):
 
 
 def register(cfg: Config, run_id: str, state: dict) -> tuple[str, bool]:
-    """Register the checkpoint's generator with its scores; the champion alias moves only if it is better."""
+    """Register the checkpoint's generator with its scores and model card; the champion alias moves only if it is
+    better."""
     scored = state.get("evaluation") or {}
     g = export_generator(state, cfg)
     version = tracking.log_generator(cfg, run_id, g, state["step"], scored.get("values"), scored.get("protocols"))
     networks.log_networks(cfg.tracking.uri, run_id, cfg.tracking.model_name, version, g.state_dict(), state,
                           cfg.model, tracking.redact(cfg.data.url))
+    shards = shards_of(cfg)
+    data = {"url": cfg.data.url, "sha256": shards.fingerprint, "resolution": cfg.model.resolution,
+            "images": sum(shards.counts.values()) if shards.manifest else None}
+    tracking.write_card(cfg, run_id, version, g, state, data)
     return version, champion.promote_if_better(cfg, version, evaluation.measurer(cfg))
 
 

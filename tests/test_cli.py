@@ -30,6 +30,7 @@ def test_every_job_fails_bad_input_with_one_line_and_exit_code_2(tmp_path):
         (("evaluate.py", "--model", "models:/nope@champion", "--set", f"tracking.uri={db}"),
          "models:/nope@champion: no such registered model version"),
         (("benchmark.py", "step", "--variant", "bf16=train.precision=fp8"), "train.precision: must be one of"),
+        (("sample.py", "--set", f"tracking.uri={db}"), "models:/dcgan-generator@champion: no such registered model"),
     ]
     for argv, needle in cases:
         r = job_subprocess(*argv, cwd=tmp_path)

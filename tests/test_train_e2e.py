@@ -140,6 +140,14 @@ def test_fast_options_and_ema_train_in_sync_and_register_the_best_scored_checkpo
     protocol = client.get_run(out.run_id).data.tags["protocol.swd"]
     assert mv.tags["protocol.swd"] == protocol and '"num_fake": 128' in protocol
     assert out.champion  # the first version in this registry
+    # The model card: the data by its manifest sha256, the scores with their protocol, the sample grid artifact.
+    from dcgan_dist.data.loader import resolve_shards
+
+    card, grid = mv.description, mv.tags["card.grid"]
+    assert f"manifest sha256: `{resolve_shards(cfg.data.url).fingerprint}`" in card
+    assert f"swd: {swd[best_step]:.4f} (protocol `{protocol}`)" in card and f"steps: {best_step}," in card
+    assert "`train.ema_decay` = `0.9`" in card and f"artifact `{grid}`" in card
+    assert grid in {a.path for a in client.list_artifacts(out.run_id, "model_card")}
 
     # The registered (EMA) generator scores what training measured for that step (same noise, same protocol).
     from dcgan_dist import evaluation

@@ -4,12 +4,18 @@ scores and their protocols. Who holds the `champion` alias is `champion.py`'s ca
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from dcgan_dist.config import Config
+from dcgan_dist.models import latents
 from dcgan_dist.tracking.runs import RUN_NAME_TAG
 
 log = logging.getLogger(__name__)
@@ -19,14 +25,13 @@ CHAMPION = "champion"
 
 def log_generator(cfg: Config, run_id: str, generator: torch.nn.Module, step: int,
                   scores: dict[str, float] | None = None, protocols: dict[str, str] | None = None) -> str:
-    """Log G as an MLflow pytorch model and register it as a new version, tagged with its scores.
+    """Log G as an MLflow pyfunc (`generator_model.py`, a torch.export program inside) and register it as a new
+    version, tagged with its scores.
 
     Tags: `step`, the run name, and for each metric `metric.NAME` (value) and `protocol.NAME` (how it
     was measured). Whether it becomes `champion` is `champion.promote_if_better`'s call. Re-running a
     finished run does not register the same step twice: the existing version is returned.
     """
-    from mlflow.models import infer_signature
-
     client = MlflowClient(cfg.tracking.uri)
     name = cfg.tracking.model_name
     for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
@@ -35,17 +40,24 @@ def log_generator(cfg: Config, run_id: str, generator: torch.nn.Module, step: in
             return str(mv.version)
 
     generator = generator.cpu().eval()
-    z = torch.randn(4, cfg.model.nz, generator=torch.Generator().manual_seed(0)).numpy()
+    z = latents(4, cfg.model.nz, seed=0)
     with torch.no_grad():
-        out = generator(torch.from_numpy(z)).numpy()
+        out = generator(z)
     torch_req = torch.__version__.split("+")[0]
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            generator,
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.model.nz))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        program = Path(tmp) / "generator.pt2"
+        torch.export.save(torch.export.export(generator, (z,), dynamic_shapes=({0: torch.export.Dim.AUTO},)),
+                          program)
+        info = mlflow.pyfunc.log_model(
             name="generator",
-            input_example=z,
-            signature=infer_signature(z, out),
-            pip_requirements=[f"torch=={torch_req}", "numpy"],
+            python_model=str(Path(__file__).with_name("generator_model.py")),
+            artifacts={"generator": str(program)},
+            model_config={"nz": cfg.model.nz},
+            input_example=z.numpy(),
+            signature=signature,
+            pip_requirements=[f"torch=={torch_req}", "numpy", f"mlflow=={mlflow.__version__}"],
             registered_model_name=name,
             step=step,
         )
@@ -63,3 +75,10 @@ def tag_scores(cfg: Config, version: str, scores: dict[str, float], protocols: d
         if metric in scores:
             client.set_model_version_tag(cfg.tracking.model_name, version, f"metric.{metric}", repr(float(scores[metric])))
             client.set_model_version_tag(cfg.tracking.model_name, version, f"protocol.{metric}", key)
+
+
+def load_generator(model_uri: str):
+    """The registered generator for code that needs tensors (evaluation, sampling, the experiments): an object with
+    `.generator` (a torch module z -> images, CPU) and `.nz`. `models:/` URIs resolve through the process's
+    tracking URI."""
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
