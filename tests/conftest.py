@@ -39,7 +39,9 @@ def local_ray():
     job subprocesses join through RAY_ADDRESS instead of starting their own cluster."""
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=False)
+    # "local": a new instance, whatever /tmp/ray/ray_current_cluster (left by any earlier `ray start` on the
+    # machine, live or not) names; without it ray.init() would try to join that one.
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
