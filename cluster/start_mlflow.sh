@@ -16,10 +16,11 @@
 #   MLFLOW_SERVER_ALLOWED_HOSTS   Host headers the server answers (MLflow's own setting; its default: localhost and
 #                                 private 10.*, 172.16-31.*, 192.168.* addresses, so cluster nodes in a VPC work)
 #   MLFLOW_AUTH=basic             turn on MLflow's basic-auth app. The admin login (set on first start) is
-#                                 MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD (12+ characters), else the
-#                                 one in ~/.mlflow/credentials, the file MLflow clients read on every node.
+#                                 MLFLOW_AUTH_ADMIN_USERNAME (admin) with MLFLOW_AUTH_ADMIN_PASSWORD (12+ characters)
+#                                 or the password in the mode-600 file MLFLOW_AUTH_ADMIN_PASSWORD_FILE names.
 #                                 MLFLOW_FLASK_SERVER_SECRET_KEY: any long random string (a fresh one if unset).
-#                                 Clients log in through ~/.mlflow/credentials or MLFLOW_TRACKING_USERNAME/PASSWORD.
+#                                 Users see nothing they were not granted: cluster/mlflow_access.py gives the
+#                                 trainer login (~/.mlflow/credentials on the nodes) EDIT on its experiment.
 set -euo pipefail
 
 state="${MLFLOW_STATE_DIR:-$HOME/mlflow-server}"
@@ -34,15 +35,18 @@ args=()
 case "${MLFLOW_AUTH:-}" in
   "") ;;
   basic)
-    creds="$HOME/.mlflow/credentials"
-    if [ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] && [ -f "$creds" ]; then  # the login every node's clients use
-      MLFLOW_AUTH_ADMIN_USERNAME="$(sed -n 's/^mlflow_tracking_username *= *//p' "$creds")"
-      MLFLOW_AUTH_ADMIN_PASSWORD="$(sed -n 's/^mlflow_tracking_password *= *//p' "$creds")"
+    file="${MLFLOW_AUTH_ADMIN_PASSWORD_FILE:-}"
+    if [ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] && [ -n "$file" ]; then  # made on this machine, never shipped
+      if [ ! -f "$file" ]; then echo "error: MLFLOW_AUTH_ADMIN_PASSWORD_FILE $file does not exist" >&2; exit 2; fi
+      if [ -n "$(find "$file" -perm /077)" ]; then
+        echo "error: MLFLOW_AUTH_ADMIN_PASSWORD_FILE $file is readable by others (chmod 600 it)" >&2; exit 2
+      fi
+      MLFLOW_AUTH_ADMIN_PASSWORD="$(tr -d '\n' < "$file")"
     fi
     MLFLOW_AUTH_ADMIN_PASSWORD="${MLFLOW_AUTH_ADMIN_PASSWORD:-}"
     if [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -lt 12 ]; then
       echo "error: MLFLOW_AUTH=basic needs an admin password of 12 or more characters" \
-        "(MLFLOW_AUTH_ADMIN_PASSWORD, or mlflow_tracking_password in $creds)" >&2; exit 2
+        "(MLFLOW_AUTH_ADMIN_PASSWORD or MLFLOW_AUTH_ADMIN_PASSWORD_FILE)" >&2; exit 2
     fi
     export MLFLOW_AUTH_ADMIN_PASSWORD
     if [ -n "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ] && [ "${#MLFLOW_FLASK_SERVER_SECRET_KEY}" -lt 32 ]; then
@@ -53,7 +57,7 @@ case "${MLFLOW_AUTH:-}" in
     # The users database sits next to the runs; the admin password comes from the environment, not this file.
     cat > "$state/basic_auth.ini" <<INI
 [mlflow]
-default_permission = READ
+default_permission = NO_PERMISSIONS
 database_uri = sqlite:///$state/basic_auth.db
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth

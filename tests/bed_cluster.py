@@ -48,7 +48,7 @@ def start_commands(kind: str, host: Host, head_ip: str) -> list[str]:
     for cmd in spec[f"{kind}_start_ray_commands"]:
         if cmd.strip() == "ray stop":
             continue  # finds Ray by process name; the bed's hosts share one process table, so it would stop them all
-        if "start_mlflow.sh" in cmd:
+        if "mlflow" in cmd:  # its admin password, start_mlflow.sh, mlflow_access.py: done by start_mlflow()
             continue  # the bed's MLflow lives on `services` (reached through the head's 127.0.0.1:5000)
         # What the launcher substitutes: the head's address, the node's own (auto-detected on EC2; the bed's hosts
         # have no default route to detect it by), paths. No autoscaler: the test starts and kills the hosts.
@@ -76,7 +76,8 @@ class BedCluster:
         self.services, self.head = bed["services"], bed["head"]
         self.workers = [h for h in bed if h.name.startswith("worker")]
         self.token = secrets.token_hex(32)
-        self.mlflow_password = secrets.token_urlsafe(18)
+        self.mlflow_password = secrets.token_urlsafe(18)        # the trainer login every node holds
+        self.mlflow_admin_password = secrets.token_urlsafe(18)  # only on `services`, in a 0600 file
         self.s3_url = f"http://{self.services.ip}:{S3_PORT}"
         self.mlflow_url = f"http://{self.services.ip}:{MLFLOW_PORT}"  # as the laptop reaches it (a tunnel, really)
         self.dashboard = f"http://{self.head.ip}:{DASHBOARD_PORT}"   # the laptop's end of `ray dashboard`
@@ -104,7 +105,13 @@ class BedCluster:
         self.start_mlflow()
 
     def start_mlflow(self) -> None:
+        """start_mlflow.sh with the admin password from its 0600 file, then cluster/mlflow_access.py: the nodes'
+        login gets EDIT on the experiment and model, as ray_cluster.yaml's head commands do."""
+        admin_file = self.services.dir / "mlflow_admin_password"
+        admin_file.write_text(self.mlflow_admin_password)
+        admin_file.chmod(0o600)
         env = {"MLFLOW_STATE_DIR": str(self.services.dir / "mlflow"), "MLFLOW_HOST": self.services.ip,
+               "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": str(admin_file),
                "MLFLOW_PORT": str(MLFLOW_PORT), "MLFLOW_AUTH": "basic", "MLFLOW_EXE": str(BIN / "mlflow"),
                "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/artifacts",
                "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{S3_PORT}",
@@ -112,6 +119,9 @@ class BedCluster:
         self.mlflow_proc = self.services.spawn(["bash", str(REPO / "cluster" / "start_mlflow.sh")], env=env,
                                                log="mlflow.log")
         wait_for(lambda: urllib.request.urlopen(f"{self.mlflow_url}/health", timeout=1), 60, "MLflow on services")
+        r = self.services.run([sys.executable, str(REPO / "cluster" / "mlflow_access.py"), "--uri", self.mlflow_url],
+                              env={"MLFLOW_AUTH_ADMIN_PASSWORD_FILE": str(admin_file)}, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
     def kill_mlflow(self) -> None:
         """SIGKILL the MLflow server and its workers, as a crash would (the moto server on the same host lives on)."""

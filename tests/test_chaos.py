@@ -134,7 +134,7 @@ def test_happy_path_two_hosts_s3_and_mlflow_with_auth(cluster):
     jobs = cluster.api("/api/jobs/")
     assert cluster.mlflow_password not in str(jobs) + out and cluster.token not in str(jobs) + out
     assert cluster.mlflow_password not in str(run.data.params) + str(run.data.tags)
-    secrets_ = (cluster.token.encode(), cluster.mlflow_password.encode())
+    secrets_ = (cluster.token.encode(), cluster.mlflow_password.encode(), cluster.mlflow_admin_password.encode())
     s3 = boto3.client("s3", endpoint_url=cluster.s3_url)
     for key in s3_keys(cluster, "ckpt", "runs/happy/"):  # checkpoint files
         body = s3.get_object(Bucket="ckpt", Key=key)["Body"].read()

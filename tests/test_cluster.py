@@ -53,6 +53,9 @@ def test_the_aws_cluster_holds_no_credentials_and_turns_authentication_on():
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start and "start_mlflow.sh" in start
     assert "MLFLOW_AUTH=basic" in start  # MLflow listens on the cluster network, so never without a login
+    # Its admin password is made on the head, never shipped; the nodes' login is granted EDIT and nothing more.
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD_FILE=" in start and "umask 077" in start and "mlflow_access.py" in start
+    assert not any("admin" in path for path in config["file_mounts"])
     for kind in ("head", "worker"):
         assert "RAY_AUTH_MODE=token" in " ".join(config[f"{kind}_start_ray_commands"])
     # Secrets reach the nodes as files, from the user's machine, never through the repository or a job.

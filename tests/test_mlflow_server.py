@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.server import get_app_client
 
-from conftest import tiny_overrides
+from conftest import REPO, tiny_overrides
 from dcgan_dist import tracking
 from dcgan_dist.config import load_config
 from dcgan_dist.bench.servers import MlflowServer
@@ -83,11 +88,99 @@ def test_basic_auth_rejects_anonymous_clients_and_accepts_credentials(tmp_path, 
         server.stop()
 
 
+def write_login(path, user: str, password: str):
+    path.write_text(f"[mlflow]\nmlflow_tracking_username = {user}\nmlflow_tracking_password = {password}\n")
+    return path
+
+
+def grant_trainer(url: str, credentials, admin_file) -> subprocess.CompletedProcess:
+    """cluster/mlflow_access.py as ray_cluster.yaml runs it on the head, the admin password from its 0600 file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    return subprocess.run([sys.executable, str(REPO / "cluster" / "mlflow_access.py"), "--uri", url,
+                           "--trainer-credentials", str(credentials)], capture_output=True, text=True, timeout=120,
+                          env={**env, "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": str(admin_file)})
+
+
+def test_the_trainer_login_logs_and_registers_but_reaches_nothing_else(tmp_path, digits_dir, monkeypatch):
+    """The nodes' login gets EDIT on its experiment and registered model only: a run logs, registers, moves the
+    champion alias and writes the card; other experiments, deletion and user administration are refused."""
+    from dcgan_dist import checkpoint
+    from dcgan_dist.step import GANStep
+    from dcgan_dist.trainer import prepare_inputs, register
+
+    admin_file = tmp_path / "admin_password"  # made on the MLflow machine, never shipped to the nodes
+    admin_file.write_text("the-admin-password-of-the-head\n")
+    admin_file.chmod(0o600)
+    server = MlflowServer(tmp_path / "server", env={**AUTH, "MLFLOW_AUTH_ADMIN_PASSWORD": "",
+                                                    "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": str(admin_file)})
+    trainer_password = "trainer-password-on-every-node"
+    credentials = write_login(tmp_path / "credentials", "trainer", trainer_password)
+    try:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "the-admin-password-of-the-head")
+        MlflowClient(server.url).create_experiment("someone-else")
+        for _ in range(2):  # the second run (every `ray up`) changes nothing
+            r = grant_trainer(server.url, credentials, admin_file)
+            assert r.returncode == 0 and "'trainer' has EDIT" in r.stdout, r.stderr
+        assert trainer_password not in r.stdout + r.stderr
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", trainer_password)
+        cfg = prepare_inputs(load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{
+            "tracking.uri": server.url})))
+        step = GANStep.from_config(cfg)
+        run_id, _ = tracking.start_run(cfg, "as-trainer")
+        logger = tracking.RunLogger(server.url, run_id)
+        logger.add(1, {"loss_d": 0.5})
+        assert logger.close() == 0
+        version, promoted = register(cfg, run_id, checkpoint.training_state(step, 1, [checkpoint.rng_state()], {}))
+        tracking.end_run(cfg, run_id)
+        client = MlflowClient(server.url)
+        assert promoted and client.get_model_version_by_alias(cfg.tracking.model_name, "champion").version == version
+        assert "Data" in client.get_model_version(cfg.tracking.model_name, version).description  # the card
+        assert steps(client, run_id) == [1]
+
+        refused = pytest.raises(MlflowException, match="Permission denied|PERMISSION_DENIED|403")
+        with refused:
+            client.get_experiment_by_name("someone-else")
+        with refused:
+            client.delete_experiment(client.get_experiment_by_name(cfg.tracking.experiment).experiment_id)
+        with refused:
+            client.delete_registered_model(cfg.tracking.model_name)
+        with refused:
+            get_app_client("basic-auth", tracking_uri=server.url).create_user("mallory", "mallory-password-123")
+        with refused:
+            get_app_client("basic-auth", tracking_uri=server.url).grant_user_permission(
+                "trainer", "experiment", "0", "MANAGE")
+    finally:
+        server.stop()
+
+
+def test_the_grant_refuses_a_bad_setup_in_one_line(tmp_path):
+    admin_file = tmp_path / "admin_password"
+    admin_file.write_text("the-admin-password-of-the-head")
+    for login, needle in [(("admin", "admin-password-12"), "must not be the admin"),
+                          (("trainer", "short"), "12 or more characters")]:
+        r = grant_trainer("http://127.0.0.1:9", write_login(tmp_path / "c", *login), admin_file)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = grant_trainer("http://127.0.0.1:9", tmp_path / "missing", admin_file)
+    assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_start_mlflow_refuses_weak_auth_settings(tmp_path):
     with pytest.raises(RuntimeError, match="12 or more characters"):
         MlflowServer(tmp_path / "server", env={**AUTH, "MLFLOW_AUTH_ADMIN_PASSWORD": "short"})
     with pytest.raises(RuntimeError, match="12 or more characters"):  # missing: its own message, not `set -u`'s
         MlflowServer(tmp_path / "server", env={k: v for k, v in AUTH.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"})
+    readable = tmp_path / "admin_password"
+    readable.write_text("long-enough-password")
+    readable.chmod(0o644)
+    no_env = {**AUTH, "MLFLOW_AUTH_ADMIN_PASSWORD": ""}
+    with pytest.raises(RuntimeError, match="readable by others"):
+        MlflowServer(tmp_path / "server", env={**no_env, "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": str(readable)})
+    with pytest.raises(RuntimeError, match="does not exist"):
+        MlflowServer(tmp_path / "server", env={**no_env, "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": str(tmp_path / "none")})
     with pytest.raises(RuntimeError, match="SECRET_KEY is shorter than 32"):
         MlflowServer(tmp_path / "server", env={**AUTH, "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"})
 
