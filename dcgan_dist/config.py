@@ -7,6 +7,8 @@ invalid values fail with a `ConfigError` that names the key, before any work sta
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,10 @@ class DataConfig:
     url: str = doc("shards: a local folder with manifest.json, or a brace pattern like dir/shard-{000000..000009}.tar", "data/digits-32")
     num_workers: int = doc("DataLoader worker processes per training rank (decode happens there)", 1)
     shuffle_buffer: int = doc("samples held in each stream's shuffle buffer", 1000)
+    max_skip_fraction: float = doc("stop with an error when more than this fraction of samples is unreadable "
+                                   "(the first 100 are always tolerated)", 0.05)
+    max_bad_shards: int = doc("stop with an error after this many shards in a row without a usable image", 16)
+    max_sample_bytes: int = doc("largest tar member read; a bigger one ends its shard unread", 16 << 20)
 
 
 @dataclass
@@ -261,9 +267,25 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+# Names end up in MLflow filter strings ('...') and in paths: letters, digits and . _ - only (experiments may
+# also hold spaces and "/", as MLflow's own /Users/... names do).
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9/][A-Za-z0-9 ._/-]{0,254}")
+
+
+def _check_finite(cfg: Config) -> None:
+    """No inf or nan anywhere: every float key of every section."""
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float):
+                _check(math.isfinite(value), f"{section.name}.{f.name}", f"must be a finite number, got {value}")
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges and fill preset-derived values, so what gets logged is what ran."""
     m, t, r = cfg.model, cfg.train, cfg.ray
+    _check_finite(cfg)
     _check(m.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {m.preset!r}")
     _check(m.resolution in RESOLUTIONS, "model.resolution", f"must be one of {RESOLUTIONS}, got {m.resolution}")
     for name in ("ngf", "ndf", "kernel"):
@@ -276,6 +298,10 @@ def validate(cfg: Config) -> Config:
     _check(bool(cfg.data.url), "data.url", "must name a shard folder, brace pattern or s3:// prefix")
     _check(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
     _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {cfg.data.shuffle_buffer}")
+    d = cfg.data
+    _check(0 <= d.max_skip_fraction <= 1, "data.max_skip_fraction", f"must be in [0, 1], got {d.max_skip_fraction}")
+    _check(d.max_bad_shards >= 1, "data.max_bad_shards", f"must be >= 1, got {d.max_bad_shards}")
+    _check(d.max_sample_bytes >= 1024, "data.max_sample_bytes", f"must be >= 1024, got {d.max_sample_bytes}")
     for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
         _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
     _check(t.batch_size >= 2, "train.batch_size", "must be >= 2 (batch norm needs more than one sample)")
@@ -286,7 +312,14 @@ def validate(cfg: Config) -> Config:
         _check(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
-    _check("/" not in t.run_name, "train.run_name", f"must not contain '/', got {t.run_name!r}")
+    _check(not t.run_name or RUN_NAME.fullmatch(t.run_name), "train.run_name",
+           f"must start with a letter or digit and hold only letters, digits and . _ - (at most 128), got {t.run_name!r}")
+    _check(bool(EXPERIMENT_NAME.fullmatch(cfg.tracking.experiment)), "tracking.experiment",
+           f"must be a name of letters, digits, spaces and . _ / -, got {cfg.tracking.experiment!r}")
+    _check(bool(RUN_NAME.fullmatch(cfg.tracking.model_name)), "tracking.model_name",
+           f"must start with a letter or digit and hold only letters, digits and . _ -, got {cfg.tracking.model_name!r}")
+    for key, url in (("data.url", cfg.data.url), ("ray.storage_path", r.storage_path)):
+        _check(not url.startswith("s3://") or bool(url[5:].split("/")[0]), key, f"names no bucket: {url!r}")
     _check(t.compile in COMPILE_MODES, "train.compile", f"must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(not t.sync_batchnorm or r.use_gpu, "train.sync_batchnorm",

@@ -22,7 +22,7 @@ from dcgan_dist import champion, checkpoint, evaluation, networks, tracking
 from dcgan_dist.config import Config, DataConfig
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import ShardSet, resolve_shards
-from dcgan_dist.errors import ConfigError, DataError
+from dcgan_dist.errors import ConfigError, DataError, DcganError
 from dcgan_dist.ema import evaluated_generator
 from dcgan_dist.metrics.inception import load_inception
 from dcgan_dist.models import build_generator
@@ -180,6 +180,24 @@ def register(cfg: Config, run_id: str, state: dict) -> tuple[str, bool]:
     return version, champion.promote_if_better(cfg, version, evaluation.measurer(cfg))
 
 
+def user_error(e: BaseException) -> DcganError | None:
+    """The error of ours (bad data, say) that made Train's worker group fail, as one line: what the user can fix,
+    instead of Ray's traceback around it."""
+    for failure in getattr(e, "worker_failures", {}).values():
+        cause = getattr(failure, "cause", failure)  # a RayTaskError wraps the worker's exception
+        if isinstance(cause, DcganError):
+            return type(cause)(str(cause).strip().splitlines()[-1])
+    return None
+
+
+def end_run_quietly(cfg: Config, run_id: str, status: str) -> None:
+    """End the run on a failure path without hiding the failure: an MLflow error here is only logged."""
+    try:
+        tracking.end_run(cfg, run_id, status)
+    except Exception as e:  # noqa: BLE001 - the error being raised matters more
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, e)
+
+
 def train(cfg: Config) -> TrainOutcome:
     """Run (or resume) the training run `cfg.train.run_name` to `cfg.train.steps` steps."""
     cfg = prepare_inputs(cfg)
@@ -191,8 +209,11 @@ def train(cfg: Config) -> TrainOutcome:
     trainer = make_trainer(cfg, run_id, run_config(cfg, run_name))
     try:
         result = trainer.fit()
-    except BaseException:
-        tracking.end_run(cfg, run_id, "FAILED")
+    except BaseException as e:
+        end_run_quietly(cfg, run_id, "FAILED")
+        ours = user_error(e)
+        if ours is not None:
+            raise ours from None
         raise
     if result.checkpoint is None:
         tracking.end_run(cfg, run_id, "FAILED")

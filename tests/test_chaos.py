@@ -160,6 +160,22 @@ def test_outsiders_and_clients_without_credentials_are_refused(cluster):
         assert r.returncode != 0 and "401" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
     r = cluster.workers[0].run([sys.executable, "-c", probe, cluster.mlflow_url], timeout=90)  # with its login
     assert r.returncode == 0 and "experiments" in r.stdout, (r.stdout + r.stderr)[-2000:]
+    # What answers a TCP connect from the outsider: the dashboard / job API listens on the head's loopback only
+    # (the laptop reaches it through the tunnel); GCS, the client server, MLflow and S3 listen on the network
+    # and are guarded by the token, the login and IAM (on AWS the security group also keeps the outsider out).
+    knock = ("import socket, sys\nfor a in sys.argv[1:]:\n    h, p = a.split(':')\n    try:\n"
+             "        socket.create_connection((h, int(p)), timeout=5).close(); print(a, 'open')\n"
+             "    except OSError as e:\n        print(a, 'closed', type(e).__name__)\n")
+    head, services = cluster.head.ip, cluster.services.ip
+    r = outsider.run([sys.executable, "-c", knock, f"{head}:8265", f"{head}:6379", f"{head}:10001",
+                      f"{services}:5000", f"{services}:9000"], timeout=60)
+    seen = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert seen[f"{head}:8265"].startswith("closed ConnectionRefused"), seen
+    listening = (f"{head}:6379", f"{head}:10001", f"{services}:5000", f"{services}:9000")
+    assert all(seen[a] == "open" for a in listening), seen
+    client = outsider.run([sys.executable, "-c", f"import ray; ray.init('ray://{head}:10001'); print('joined')"],
+                          env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, timeout=120)
+    assert client.returncode != 0 and "joined" not in client.stdout, (client.stdout + client.stderr)[-2000:]
 
 
 def checkpoints(cluster: BedCluster, run_name: str) -> set[int]:

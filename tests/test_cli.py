@@ -72,6 +72,34 @@ def test_train_rejects_bad_data_and_weights_before_starting_ray(tmp_path, digits
     assert not (tmp_path / "mlflow.db").exists(), "a job with bad input went on to tracking and Ray"
 
 
+def test_unusable_data_found_by_the_workers_ends_training_in_one_line(local_ray, tmp_path):
+    """A manifest-less folder of 64x64 shards trained at 32: the workers' stream stops after 101 unusable samples
+    (it used to skip forever) and the job ends with exit code 2, the reason in one line, the run marked FAILED."""
+    import io
+    import tarfile
+
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(png, "PNG")
+    data = tmp_path / "big"
+    data.mkdir()
+    for i in range(2):
+        with tarfile.open(data / f"shard-{i:06d}.tar", "w") as tar:
+            for k in range(120):
+                info = tarfile.TarInfo(f"{i}{k:04d}.png")
+                info.size = len(png.getvalue())
+                tar.addfile(info, io.BytesIO(png.getvalue()))
+    overrides = tiny_overrides(tmp_path, data, **{"model.nc": 1, "ray.max_failures": 0, "train.run_name": "big"})
+    r = run_job("train.py", *sets(overrides), cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 101 of 101 samples unreadable") and "image is 64x64, expected 32x32" in last, last
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    assert [run.info.status for run in runs] == ["FAILED"]
+
+
 def test_a_config_file_reaches_the_job_and_set_wins_over_it(tmp_path, digits_dir):
     """--config FILE through a job: its values are used, --set overrides them, and a bad key in it is named."""
     good = tmp_path / "run.yaml"

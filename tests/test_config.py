@@ -53,6 +53,16 @@ def test_yaml_file_and_round_trip(tmp_path):
         ("train.beta1=1.5", "train.beta1"),
         ("train.batch_size=1", "train.batch_size"),
         ("train.steps", "KEY=VALUE"),
+        ("train.lr_g=inf", "train.lr_g: must be a finite number"),
+        ("train.ema_decay=nan", "train.ema_decay: must be a finite number"),
+        ("train.run_name=..", "train.run_name"),
+        ("train.run_name=it's", "train.run_name"),
+        ("tracking.experiment=", "tracking.experiment"),
+        ("tracking.model_name=a'b", "tracking.model_name"),
+        ("data.url=s3://", "data.url: names no bucket"),
+        ("ray.storage_path=s3:///x", "ray.storage_path: names no bucket"),
+        ("data.max_skip_fraction=1.5", "data.max_skip_fraction"),
+        ("data.max_bad_shards=0", "data.max_bad_shards"),
     ],
 )
 def test_errors_name_the_key(override, needle):

@@ -259,3 +259,117 @@ def test_raw_npy_samples_decode_as_np_load_does(version):
     for bad in (np.array([{"x": 1}], dtype=object), img.astype(np.float32), img[:4]):
         with pytest.raises(ValueError):
             decode_sample({"npy": npy(bad)}, 3, 8)
+
+
+def write_shards(folder, shards: dict[str, bytes]):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in shards.items():
+        (folder / name).write_bytes(data)
+    return resolve_shards(str(folder))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_wrong_resolution_folder_stops_with_an_error_naming_the_shard(tmp_path, num_workers):
+    """64x64 shards without a manifest, read at 32: every sample is skipped, so the stream ends with an error
+    (it used to skip forever) naming the limit, the sample, its shard and why; one line from a DataLoader worker."""
+    big = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(big, "PNG")
+    shard_set = write_shards(tmp_path, {f"shard-{i:06d}.tar": tar_bytes([(f"{i}{k:04d}.png", big.getvalue())
+                                                                         for k in range(80)]) for i in range(3)})
+    it = make_batches(shard_set, channels=1, resolution=32, batch_size=8, seed=0, shuffle_buffer=4,
+                      num_workers=num_workers)
+    with pytest.raises(DataError) as e:
+        next(it)
+    message = str(e.value)
+    assert "101 of 101 samples unreadable, over data.max_skip_fraction=0.05" in message
+    assert "image is 64x64, expected 32x32" in message and "shard-00000" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_empty_and_unreadable_shards_in_a_row_stop_the_stream(tmp_path):
+    from dcgan_dist.data.loader import Limits
+
+    empty = write_shards(tmp_path / "empty", {f"shard-{i:06d}.tar": tar_bytes([]) for i in range(3)})
+    with pytest.raises(DataError, match=r"16 shards in a row without a usable image \(data.max_bad_shards=16\): "
+                                        r".*shard-00000\d.tar \(no samples\)"):
+        next(make_batches(empty, channels=1, resolution=32, batch_size=8, seed=0))
+    junk = write_shards(tmp_path / "junk", {f"shard-{i:06d}.tar": bytes(range(256)) * 40 for i in range(3)})
+    with pytest.raises(DataError, match=r"4 shards in a row .*shard-00000\d.tar \(shard .* unreadable"):
+        next(make_batches(junk, channels=1, resolution=32, batch_size=8, seed=0, limits=Limits(max_bad_shards=4)))
+
+
+def test_a_few_bad_samples_are_tolerated_and_a_good_shard_resets_the_streak(tmp_path):
+    good = tar_bytes([(f"{k:04d}.png", png_bytes()) for k in range(60)] + [("0060.png", b"corrupt!")])
+    shard_set = write_shards(tmp_path, {"shard-000000.tar": good, "shard-000001.tar": tar_bytes([])})
+    it = make_batches(shard_set, channels=1, resolution=32, batch_size=8, seed=0, shuffle_buffer=4)
+    assert all(next(it).shape == (8, 1, 32, 32) for _ in range(200))  # 1 of 61 samples bad, half the shards empty
+    assert it.skipped > 0
+
+
+def test_a_huge_member_ends_its_shard_unread_and_a_compressed_shard_is_refused(tmp_path):
+    """A 2 GB member (a sparse file: its header says 2 GB, nothing is written) is refused from its header."""
+    from dcgan_dist.data.loader import shard_samples
+
+    info = tarfile.TarInfo("0000.png")
+    info.size = 2 << 30
+    header = info.tobuf(format=tarfile.USTAR_FORMAT)
+    with open(tmp_path / "huge.tar", "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + info.size + 1024)  # the member's data and the end blocks: zeros, not on disk
+    assert (tmp_path / "huge.tar").stat().st_blocks * 512 < 1 << 20
+    errors = []
+    assert list(shard_samples(str(tmp_path / "huge.tar"), errors.append)) == []
+    assert "member 0000.png is 2,147,483,648 bytes, over data.max_sample_bytes=16,777,216" in errors[0]
+
+    with tarfile.open(tmp_path / "packed.tar", "w:gz") as tar:
+        data = png_bytes()
+        info = tarfile.TarInfo("0000.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    errors = []
+    assert list(shard_samples(str(tmp_path / "packed.tar"), errors.append)) == []
+    assert "packed.tar unreadable" in errors[0]
+
+
+BOMB = """
+import resource, sys, torch
+from dcgan_dist.data.loader import make_batches, resolve_shards
+from dcgan_dist.errors import DataError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    next(make_batches(resolve_shards(sys.argv[1]), channels=3, resolution=32, batch_size=8, seed=0, num_workers=0))
+except DataError as e:
+    print("error:", e)
+print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A real RGB PNG of width x height black pixels, a few hundred kB on disk (zlib packs zeros ~1000:1)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row, parts = zlib.compressobj(9), b"\0" * (1 + 3 * width), []
+    for _ in range(height):
+        parts.append(z.compress(row))
+    parts.append(z.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_never_decoded(tmp_path):
+    """9000x9000 RGB (243 MB decoded, just under PIL's own bomb check) in a 300 kB PNG: refused from its header;
+    the reading process grows by far less than one decoded copy."""
+    import subprocess
+    import sys
+
+    bomb = png_bomb(9000, 9000)
+    assert len(bomb) < 1 << 20
+    write_shards(tmp_path, {f"shard-{i:06d}.tar": tar_bytes([(f"{i}{k:03d}.png", bomb) for k in range(40)])
+                            for i in range(3)})
+    r = subprocess.run([sys.executable, "-c", BOMB, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert "image is 9000x9000, expected 32x32" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert float(r.stdout.split("grew_mb")[1]) < 100, r.stdout

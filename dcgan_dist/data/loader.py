@@ -3,7 +3,9 @@
 Every rank (and every DataLoader worker inside it) draws shards from the whole set with
 replacement, seeded by (seed, rank, worker, start step). The stream never ends, so every rank
 runs exactly `train.steps` steps and DDP cannot hang on uneven shard counts, and a resumed run
-re-seeds from its checkpoint's step. Bad samples and truncated shards are skipped and counted.
+re-seeds from its checkpoint's step. Bad samples and truncated shards are skipped and counted, within limits:
+a stream that skips more than `data.max_skip_fraction` of its samples, or reads `data.max_bad_shards` shards in a
+row without one usable image, stops with a DataError that names them (an endless stream would otherwise hang).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
+from webdataset.tariterators import group_by_keys
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
 
@@ -35,6 +38,18 @@ from dcgan_dist.data.shards import MANIFEST
 from dcgan_dist.errors import DataError
 
 log = logging.getLogger(__name__)
+
+SKIP_FLOOR = 100  # skipped samples always tolerated before data.max_skip_fraction is judged
+MAX_SAMPLE_BYTES = 16 << 20  # default for data.max_sample_bytes: a 1024x1024 RGB image is 3 MiB raw
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much bad data a stream tolerates before it stops (data.max_skip_fraction, max_bad_shards,
+    max_sample_bytes)."""
+    max_skip_fraction: float = 0.05
+    max_bad_shards: int = 16
+    max_sample_bytes: int = MAX_SAMPLE_BYTES
 
 
 @dataclass
@@ -131,9 +146,6 @@ def open_shard(url: str) -> IO[bytes]:
     return open(url, "rb")
 
 
-# webdataset has no s3:// opener: its url_opener stage (gopen) uses ours, boto3 with Range resume.
-wds.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: open_shard(url)
-
 # What a broken or missing shard raises; anything else is a bug and propagates.
 READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, DataError)
 
@@ -144,36 +156,36 @@ def _warn(what) -> bool:
     return True
 
 
-def shard_samples(url: str, on_error: Callable[[str], object] = _warn, expected: int = 0) -> Iterator[dict]:
-    """One shard's samples ({"__key__", "__url__", ext: bytes}) via webdataset's tarfile_samples
-    (url_opener -> tar_file_expander -> group_by_keys).
+def tar_members(url: str, max_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
+    """A shard's files as webdataset's tar stage yields them ({"fname", "data", "__url__"}), read as a plain tar
+    stream: a compressed shard is refused, and a member over `max_bytes` ends the shard before it is read (its
+    header gives the size), so one huge member cannot run a DataLoader worker out of memory."""
+    with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            if info.size > max_bytes:
+                raise DataError(f"member {info.name} is {info.size:,} bytes, over data.max_sample_bytes={max_bytes:,}")
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
 
-    Adds what webdataset lacks: a broken shard is reported once to `on_error` and ends there without
-    its half-read sample, and a shard with fewer than `expected` samples (the manifest's count; tarfile
-    ends quietly at a cut header) is reported as truncated.
+
+def shard_samples(url: str, on_error: Callable[[str], object] = _warn, expected: int = 0,
+                  max_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
+    """One shard's samples ({"__key__", "__url__", ext: bytes}): our tar reader, webdataset's group_by_keys.
+
+    A broken shard is reported once to `on_error` and ends there without its half-read sample, and a shard with
+    fewer than `expected` samples (the manifest's count; tarfile ends quietly at a cut header) is reported as
+    truncated.
     """
-    failed: list[Exception] = []
-
-    def stop(exn: Exception) -> bool:  # webdataset's handler protocol: False ends this shard
-        if not isinstance(exn, READ_ERRORS):
-            raise exn
-        failed.append(exn)
-        return False
-
-    src, key, n = {"url": url}, None, 0
+    key, n = None, 0
     try:
-        for sample in wds.tarfile_samples([src], handler=stop):
-            if failed:  # group_by_keys flushes the sample it was reading when the shard broke
-                break
+        for sample in group_by_keys(tar_members(url, max_bytes)):
             key, n = sample["__key__"], n + 1
             yield sample
-    finally:
-        if "stream" in src:  # url_opener leaves the open stream in the source dict
-            src["stream"].close()
-    if failed:
-        e = failed[0]
+    except READ_ERRORS as e:
         on_error(f"shard {url} unreadable after key {key}: {type(e).__name__}: {e.args[0] if e.args else e}")
-    elif n < expected:
+        return
+    if n < expected:
         on_error(f"shard {url} truncated: {n} of {expected} samples after key {key}")
 
 
@@ -205,7 +217,9 @@ def decode_sample(sample: dict[str, bytes], channels: int, resolution: int) -> t
         arr = _load_npy(sample[ext])
     else:
         mode = "L" if channels == 1 else "RGB"
-        with Image.open(io.BytesIO(sample[ext])) as im:
+        with Image.open(io.BytesIO(sample[ext])) as im:  # reads the header only: the size is known before decoding
+            if im.size != (resolution, resolution):  # so a wrong or huge image (a decompression bomb) is never decoded
+                raise ValueError(f"image is {im.size[0]}x{im.size[1]}, expected {resolution}x{resolution}")
             arr = np.asarray(im if im.mode == mode else im.convert(mode))  # convert() copies even when it matches
     if arr.dtype != np.uint8 or arr.size != resolution * resolution * channels:
         raise ValueError(f"image is {arr.dtype} {arr.shape}, expected uint8 {(resolution, resolution, channels)}")
@@ -235,12 +249,16 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, urls: list[str], *, counts: dict[str, int] | None = None, channels: int, resolution: int,
-                 batch_size: int, seed: int, rank: int, start_step: int, shuffle_buffer: int = 1000):
+                 batch_size: int, seed: int, rank: int, start_step: int, shuffle_buffer: int = 1000,
+                 limits: Limits | None = None):
         self.urls, self.counts = urls, counts or {}
         self.channels, self.resolution = channels, resolution
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.rank, self.start_step = seed, rank, start_step
-        self.skipped = 0
+        self.limits = limits or Limits()
+        self.skipped = self.good = 0
+        self.bad_run: list[str] = []  # the shards read in a row without a usable image, with why
+        self.last_skip = ""
         self.shards_read: Counter[str] = Counter()
 
     @property
@@ -250,14 +268,32 @@ class ShardStream(IterableDataset):
     def _read(self, shards: Iterator[dict]) -> Iterator[dict]:
         """Each drawn shard's samples; per shard, as a flat tarfile_to_samples loses where a shard ended."""
         for shard in shards:
-            self.shards_read[shard["url"]] += 1
-            yield from shard_samples(shard["url"], self._skip, self.counts.get(shard["url"], 0))
+            url, good_before, self.last_skip = shard["url"], self.good, ""
+            self.shards_read[url] += 1
+            yield from shard_samples(url, self._skip, self.counts.get(url, 0), self.limits.max_sample_bytes)
+            # Resumed only when the stage after decoding wants more: this shard's samples have all been decoded.
+            if self.good > good_before:
+                self.bad_run.clear()
+                continue
+            self.bad_run.append(f"{url} ({self.last_skip or 'no samples'})")
+            if len(self.bad_run) >= self.limits.max_bad_shards:
+                raise DataError(f"{len(self.bad_run)} shards in a row without a usable image (data.max_bad_shards="
+                                f"{self.limits.max_bad_shards}): {'; '.join(self.bad_run[-3:])}")
 
     def _skip(self, what) -> bool:
         self.skipped += 1
+        self.last_skip = str(what)
         if self.skipped <= 10:
             log.warning("data: skipping %s", what)
+        fraction = self.limits.max_skip_fraction
+        if self.skipped > max(SKIP_FLOOR, fraction * (self.skipped + self.good)):
+            raise DataError(f"{self.skipped} of {self.skipped + self.good} samples unreadable, over "
+                            f"data.max_skip_fraction={fraction:g}; the last: {what}")
         return True  # as a webdataset handler: go on with the next sample
+
+    def _count(self, image: torch.Tensor) -> torch.Tensor:
+        self.good += 1
+        return image
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -268,6 +304,7 @@ class ShardStream(IterableDataset):
             wds.ResampledShards(self.urls, worker_seed=lambda: shard_seed, deterministic=True),
             self._read,
             wds.map(partial(_decode, channels=self.channels, resolution=self.resolution), handler=self._skip),
+            wds.map(self._count),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed)),
             wds.batched(self.batch_size, collation_fn=torch.stack, partial=False),
             wds.map(lambda images: {"image": images, "worker": worker, "stats": self.stats}),
@@ -295,15 +332,19 @@ class Batches:
         return self
 
     def __next__(self) -> torch.Tensor:
-        b = next(self._it)
+        try:
+            b = next(self._it)
+        except DataError as e:  # from a DataLoader worker, its message is the worker's whole traceback: keep ours
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
         self._stats[b["worker"]] = b["stats"]
         return b["image"]
 
 
 def make_batches(shards: ShardSet, *, channels: int, resolution: int, batch_size: int, seed: int,
-                 rank: int = 0, start_step: int = 0, num_workers: int = 0, shuffle_buffer: int = 1000) -> Batches:
+                 rank: int = 0, start_step: int = 0, num_workers: int = 0, shuffle_buffer: int = 1000,
+                 limits: Limits | None = None) -> Batches:
     stream = ShardStream(shards.urls, counts=shards.counts, channels=channels, resolution=resolution, batch_size=batch_size,
-                         seed=seed, rank=rank, start_step=start_step, shuffle_buffer=shuffle_buffer)
+                         seed=seed, rank=rank, start_step=start_step, shuffle_buffer=shuffle_buffer, limits=limits)
     return Batches(stream, num_workers)
 
 
