@@ -373,3 +373,41 @@ def test_a_decompression_bomb_is_never_decoded(tmp_path):
     r = subprocess.run([sys.executable, "-c", BOMB, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert "image is 9000x9000, expected 32x32" in r.stdout, r.stdout + r.stderr[-2000:]
     assert float(r.stdout.split("grew_mb")[1]) < 100, r.stdout
+
+
+class PlantedCode:
+    """What a planted "CIFAR batch" could hold: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_cifar_pickle_is_refused_and_runs_nothing(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from dcgan_dist.data.sources import Cifar10
+
+    folder, marker = tmp_path / "cifar-10-batches-py", tmp_path / "code-ran"
+    folder.mkdir()
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        batch = {b"data": np.full((4, 3072), i, np.uint8), b"labels": [1, 2, 3, 4], b"batch_label": b"x"}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2 if i % 2 else 4))  # as distributed, and newer
+    assert len(list(Cifar10(folder, "all").records())) == 24
+
+    planted = pickle.dumps({b"data": PlantedCode(marker), b"labels": [1]})
+    (folder / "data_batch_3").write_bytes(planted)
+    with pytest.raises(DataError, match=r"data_batch_3 is not a CIFAR-10 batch: .*posix\.system"):
+        list(Cifar10(folder, "train").records())
+    assert not marker.exists()
+    pickle.loads(planted)  # the proof that the file is what it claims: a plain pickle.load runs its command
+    assert marker.exists()
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": [[1, 2]], b"labels": [1]}))
+    with pytest.raises(DataError, match="expected uint8 rows of 3072 values"):
+        list(Cifar10(folder, "train").records())

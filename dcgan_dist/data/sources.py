@@ -7,6 +7,7 @@ A bad image raises in `load`; the builder skips it, counts it and names it in th
 
 from __future__ import annotations
 
+import importlib
 import io
 import pickle
 from pathlib import Path
@@ -146,6 +147,35 @@ class Lsun(Source):
         return self._decode(raw, resolution), None
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds (dicts, lists, bytes, ints, numpy arrays): a planted file that
+    names any other global (os.system, builtins.exec, ...) is refused before anything in it runs."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("_codecs", "encode")}  # how Python 3 writes bytes at protocol 2
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds")
+        return getattr(importlib.import_module(module.replace("numpy.core", "numpy._core")), name)
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """(N x 3072 uint8 rows, N labels) of one batch file, or a DataError naming the file and what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            batch = CifarUnpickler(f, encoding="bytes").load()
+        data, labels = batch[b"data"], batch[b"labels"]
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise DataError(f"{path} is not a CIFAR-10 batch: {type(e).__name__}: {e}") from None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            and isinstance(labels, list) and len(labels) == len(data) and all(isinstance(x, int) for x in labels)):
+        raise DataError(f"{path} is not a CIFAR-10 batch: expected uint8 rows of 3072 values and as many int labels")
+    return data, labels
+
+
 class Cifar10(Source):
     """CIFAR-10's python-pickle batches as distributed (data_batch_1..5, then test_batch), with labels."""
 
@@ -166,9 +196,7 @@ class Cifar10(Source):
 
     def records(self):
         for path in self.batches:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")  # the format as distributed; a local file
-            data, labels = batch[b"data"], batch[b"labels"]
+            data, labels = read_cifar_batch(path)
             for i in range(len(labels)):
                 yield f"{path.name}/{i:05d}", (np.asarray(data[i], dtype=np.uint8), int(labels[i]))
 
