@@ -307,3 +307,74 @@ def test_inception_weights_load_from_s3_with_their_checksum_and_real_stats_come_
                    channels=1, resolution=32)
     assert ev.real_images.shape == (64, 1, 32, 32) and ev.names == ("swd",)
     assert len({int(x) for x in ev.real_images.float().mean((1, 2, 3)).round()}) > 10  # many different images
+
+
+def test_an_object_replaced_between_two_range_reads_is_refused_not_spliced(moto):
+    """The read is cut at 1 MB (a real dropped connection); meanwhile the object was replaced: the resumed
+    Range request carries If-Match, S3 answers 412, and the reader gets a DataError instead of a splice."""
+    rng = np.random.default_rng(0)
+    old, new = (rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes() for _ in range(2))
+    boto3.client("s3").put_object(Bucket="data", Key="shard.tar", Body=old)
+    proxy = CuttingProxy(moto.port, cut_after=1 << 20)
+    os.environ["AWS_ENDPOINT_URL_S3"] = proxy.url
+    s3._clients.clear()
+    try:
+        body = s3.ResumableBody("s3://data/shard.tar", backoff=0.05)
+        assert body.read(256 << 10) == old[: 256 << 10]
+        boto3.client("s3", endpoint_url=moto.url).put_object(Bucket="data", Key="shard.tar", Body=new)
+        with pytest.raises(DataError, match=r"s3://data/shard.tar was replaced while being read \(at byte \d+"):
+            body.read()
+        assert proxy.cuts_left == 0
+    finally:
+        os.environ["AWS_ENDPOINT_URL_S3"] = moto.url
+        s3._clients.clear()
+        proxy.close()
+
+
+class SlowDownProxy(CuttingProxy):
+    """A loopback proxy to the S3 server that answers its first `refusals` connections with 503 SlowDown, as S3
+    does to a prefix read too fast; later connections pass through."""
+
+    BODY = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+    def __init__(self, target_port: int, refusals: int):
+        self.refusals = refusals
+        super().__init__(target_port, cut_after=0)
+        self.cuts_left = 0
+
+    def _serve(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.refusals > 0:
+                self.refusals -= 1
+                client.recv(65536)  # the request's headers
+                client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(self.BODY), self.BODY))
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+
+def test_throttling_beyond_botocores_retries_backs_off_instead_of_skipping(moto):
+    """Six 503 SlowDown answers: botocore gives up after its five attempts; the reader waits and tries again."""
+    payload = np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    boto3.client("s3").put_object(Bucket="data", Key="hot.tar", Body=payload)
+    proxy = SlowDownProxy(moto.port, refusals=6)
+    os.environ["AWS_ENDPOINT_URL_S3"] = proxy.url
+    s3._clients.clear()
+    try:
+        before = s3.retries()
+        assert s3.ResumableBody("s3://data/hot.tar", backoff=0.05).read() == payload
+        assert proxy.refusals == 0 and s3.retries() > before
+    finally:
+        os.environ["AWS_ENDPOINT_URL_S3"] = moto.url
+        s3._clients.clear()
+        proxy.close()

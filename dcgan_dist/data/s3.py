@@ -2,7 +2,8 @@
 
 Credentials come from the standard AWS chain (environment, profile, instance role) and never
 from our configs; `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` select an S3-compatible store.
-A streaming read that loses its connection resumes with a `Range` request where it stopped.
+A streaming read that loses its connection, or is throttled (503 SlowDown) beyond botocore's own retries,
+backs off and resumes with a `Range` request where it stopped, pinned to the object it started (`If-Match`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def retries() -> int:
 TRANSIENT = (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
              bex.ConnectTimeoutError, bex.ResponseStreamingError, bex.IncompleteReadError,
              ConnectionError, TimeoutError)
+# Throttling and server trouble that outlast botocore's retries: wait and try again rather than skip the shard.
+THROTTLED = ("SlowDown", "ServiceUnavailable", "RequestLimitExceeded", "Throttling", "InternalError")
 
 
 def is_s3(url: str) -> bool:
@@ -155,16 +158,17 @@ def check_bucket(url: str, action: str) -> None:
 class ResumableBody(io.RawIOBase):
     """A readable stream over one S3 object that survives dropped connections.
 
-    On a transient failure it waits (exponential backoff with jitter) and re-requests the rest of
-    the object with `Range: bytes=<pos>-`. `retries()` counts those re-requests and botocore's own
-    retries, per process; after
-    `max_retries` in a row the error propagates (the reader then skips the shard).
+    On a transient failure or throttling it waits (exponential backoff with jitter) and re-requests the rest of
+    the object with `Range: bytes=<pos>-` and `If-Match: <ETag of the first response>`, so an object replaced
+    mid-read is refused (a DataError) instead of spliced from two versions. `retries()` counts those re-requests
+    and botocore's own retries, per process; after `max_retries` in a row the error propagates (the reader then
+    skips the shard).
     """
 
     def __init__(self, url: str, max_retries: int = 8, backoff: float = 0.5, max_backoff: float = 8.0):
         self.url, (self.bucket, self.key) = url, split(url)
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
-        self.pos, self.size = 0, None
+        self.pos, self.size, self.etag = 0, None, None
         self.body = None
         self._connect()
 
@@ -173,14 +177,23 @@ class ResumableBody(io.RawIOBase):
         while True:
             try:
                 with errors(self.url, "read"):
-                    kw = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+                    kw = {"Range": f"bytes={self.pos}-", "IfMatch": self.etag} if self.pos else {}
                     try:
                         resp = client().get_object(Bucket=self.bucket, Key=self.key, **kw)
                     except TRANSIENT as e:
                         raise _Transient(e) from None
+                    except bex.ClientError as e:
+                        code = e.response.get("Error", {}).get("Code", "")
+                        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                        if code == "PreconditionFailed" or status == 412:
+                            raise DataError(f"{self.url} was replaced while being read (at byte {self.pos}, ETag "
+                                            f"{self.etag}); not splicing two versions") from None
+                        if code in THROTTLED or status in (500, 503):
+                            raise _Transient(e) from None
+                        raise
                 _retries["count"] += resp["ResponseMetadata"].get("RetryAttempts", 0)  # botocore's own retries
                 if self.size is None:
-                    self.size = resp["ContentLength"]
+                    self.size, self.etag = resp["ContentLength"], resp["ETag"]
                 self.body = resp["Body"]
                 return
             except _Transient as t:
