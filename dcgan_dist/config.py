@@ -53,6 +53,7 @@ class DataConfig:
                                    "(the first 100 are always tolerated)", 0.05)
     max_bad_shards: int = doc("stop with an error after this many shards in a row without a usable image", 16)
     max_sample_bytes: int = doc("largest tar member read; a bigger one ends its shard unread", 16 << 20)
+    verify_sha256: bool = doc("hash each shard as it streams and check it against the manifest", False)
 
 
 @dataclass

@@ -172,8 +172,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shards = ShardSet(**loop_config["shards"])  # resolved once, by the driver
     batches = make_batches(shards, channels=m.nc, resolution=m.resolution, batch_size=t.batch_size, seed=t.seed,
                            rank=rank, start_step=start, num_workers=cfg.data.num_workers,
-                           shuffle_buffer=cfg.data.shuffle_buffer, limits=Limits(
-                               cfg.data.max_skip_fraction, cfg.data.max_bad_shards, cfg.data.max_sample_bytes))
+                           shuffle_buffer=cfg.data.shuffle_buffer, limits=Limits.of(cfg.data))
     logger = None
     if rank == 0:  # the only rank that talks to MLflow, from whichever node it landed on
         uri = tracking.as_seen_from(cfg.tracking.uri, loop_config["driver_ip"], ray.util.get_node_ip_address())

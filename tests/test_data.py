@@ -411,3 +411,33 @@ def test_a_planted_cifar_pickle_is_refused_and_runs_nothing(tmp_path):
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": [[1, 2]], b"labels": [1]}))
     with pytest.raises(DataError, match="expected uint8 rows of 3072 values"):
         list(Cifar10(folder, "train").records())
+
+
+def test_verify_sha256_reports_a_shard_changed_after_its_manifest(digits_dir, tmp_path):
+    import shutil
+
+    from dcgan_dist.data.loader import Limits, shard_samples
+
+    copy = tmp_path / "digits"
+    shutil.copytree(digits_dir, copy)
+    shard_set = resolve_shards(str(copy))
+    url = shard_set.urls[0]
+    assert list(shard_samples(url, pytest.fail, sha256=shard_set.sha256s[url]))  # untouched: no complaint
+    with tarfile.open(url) as tar:
+        label = tar.getmember("000000000.cls")
+    data = bytearray(open(url, "rb").read())
+    data[label.offset_data] = ord("9") if data[label.offset_data] != ord("9") else ord("8")  # a flipped label
+    open(url, "wb").write(bytes(data))
+    errors = []
+    # Known only at the shard's end: all samples but the last (still held by the grouping) were already read.
+    assert len(list(shard_samples(url, errors.append, sha256=shard_set.sha256s[url]))) == 499
+    assert len(errors) == 1 and "the shard changed after the manifest was written" in errors[0] and url in errors[0]
+    it = make_batches(shard_set, channels=1, resolution=32, batch_size=50, seed=0, shuffle_buffer=10,
+                      limits=Limits(verify_sha256=True))
+    for _ in range(40):
+        next(it)
+    assert it.skipped >= 1  # counted in data_skipped
+    it = make_batches(shard_set, channels=1, resolution=32, batch_size=50, seed=0, shuffle_buffer=10)
+    for _ in range(40):
+        next(it)
+    assert it.skipped == 0  # off by default: not hashed

@@ -10,6 +10,7 @@ row without one usable image, stops with a DataError that names them (an endless
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import io
@@ -50,6 +51,12 @@ class Limits:
     max_skip_fraction: float = 0.05
     max_bad_shards: int = 16
     max_sample_bytes: int = MAX_SAMPLE_BYTES
+    verify_sha256: bool = False
+
+    @classmethod
+    def of(cls, data_config) -> "Limits":
+        """The limits a DataConfig sets (its keys of the same names)."""
+        return cls(**{f.name: getattr(data_config, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -61,6 +68,12 @@ class ShardSet:
     def counts(self) -> dict[str, int]:
         """Samples per shard URL from the manifest: lets the reader notice a truncated shard."""
         return {u: s["count"] for u, s in zip(self.urls, self.manifest["shards"])} if self.manifest else {}
+
+    @property
+    def sha256s(self) -> dict[str, str]:
+        """sha256 per shard URL from the manifest, for data.verify_sha256."""
+        return {u: s["sha256"] for u, s in zip(self.urls, self.manifest["shards"]) if "sha256" in s} \
+            if self.manifest else {}
 
     @property
     def channels(self) -> int | None:
@@ -156,30 +169,54 @@ def _warn(what) -> bool:
     return True
 
 
-def tar_members(url: str, max_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
+class HashingReader:
+    """A stream that hashes what is read through it: a shard's sha256 without reading it twice."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream, self.sha256 = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.sha256.update(data)
+        return data
+
+    def digest_to_end(self) -> str:
+        while self.read(1 << 20):  # tarfile stops at the end-of-archive blocks; the padding after them counts too
+            pass
+        return self.sha256.hexdigest()
+
+
+def tar_members(url: str, max_bytes: int = MAX_SAMPLE_BYTES, sha256: str | None = None) -> Iterator[dict]:
     """A shard's files as webdataset's tar stage yields them ({"fname", "data", "__url__"}), read as a plain tar
     stream: a compressed shard is refused, and a member over `max_bytes` ends the shard before it is read (its
-    header gives the size), so one huge member cannot run a DataLoader worker out of memory."""
-    with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            if info.size > max_bytes:
-                raise DataError(f"member {info.name} is {info.size:,} bytes, over data.max_sample_bytes={max_bytes:,}")
-            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+    header gives the size), so one huge member cannot run a DataLoader worker out of memory. With `sha256` (the
+    manifest's), the shard is hashed as it streams and a mismatch is an error at its end."""
+    with open_shard(url) as raw:
+        stream = HashingReader(raw) if sha256 else raw
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if info.size > max_bytes:
+                    raise DataError(f"member {info.name} is {info.size:,} bytes, over "
+                                    f"data.max_sample_bytes={max_bytes:,}")
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+        if sha256 and (actual := stream.digest_to_end()) != sha256:
+            raise DataError(f"sha256 is {actual[:16]}..., the manifest says {sha256[:16]}...: the shard changed "
+                            f"after the manifest was written")
 
 
 def shard_samples(url: str, on_error: Callable[[str], object] = _warn, expected: int = 0,
-                  max_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
+                  max_bytes: int = MAX_SAMPLE_BYTES, sha256: str | None = None) -> Iterator[dict]:
     """One shard's samples ({"__key__", "__url__", ext: bytes}): our tar reader, webdataset's group_by_keys.
 
-    A broken shard is reported once to `on_error` and ends there without its half-read sample, and a shard with
-    fewer than `expected` samples (the manifest's count; tarfile ends quietly at a cut header) is reported as
-    truncated.
+    A broken shard (or, with `sha256`, a changed one) is reported once to `on_error` and ends there without its
+    half-read sample, and a shard with fewer than `expected` samples (the manifest's count; tarfile ends quietly at
+    a cut header) is reported as truncated.
     """
     key, n = None, 0
     try:
-        for sample in group_by_keys(tar_members(url, max_bytes)):
+        for sample in group_by_keys(tar_members(url, max_bytes, sha256)):
             key, n = sample["__key__"], n + 1
             yield sample
     except READ_ERRORS as e:
@@ -248,10 +285,11 @@ class ShardStream(IterableDataset):
     A plain IterableDataset around a wds.DataPipeline: ray's prepare_data_loader rejects WebLoader.
     """
 
-    def __init__(self, urls: list[str], *, counts: dict[str, int] | None = None, channels: int, resolution: int,
+    def __init__(self, urls: list[str], *, counts: dict[str, int] | None = None,
+                 sha256s: dict[str, str] | None = None, channels: int, resolution: int,
                  batch_size: int, seed: int, rank: int, start_step: int, shuffle_buffer: int = 1000,
                  limits: Limits | None = None):
-        self.urls, self.counts = urls, counts or {}
+        self.urls, self.counts, self.sha256s = urls, counts or {}, sha256s or {}
         self.channels, self.resolution = channels, resolution
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.rank, self.start_step = seed, rank, start_step
@@ -270,7 +308,8 @@ class ShardStream(IterableDataset):
         for shard in shards:
             url, good_before, self.last_skip = shard["url"], self.good, ""
             self.shards_read[url] += 1
-            yield from shard_samples(url, self._skip, self.counts.get(url, 0), self.limits.max_sample_bytes)
+            sha256 = self.sha256s.get(url) if self.limits.verify_sha256 else None
+            yield from shard_samples(url, self._skip, self.counts.get(url, 0), self.limits.max_sample_bytes, sha256)
             # Resumed only when the stage after decoding wants more: this shard's samples have all been decoded.
             if self.good > good_before:
                 self.bad_run.clear()
@@ -343,7 +382,7 @@ class Batches:
 def make_batches(shards: ShardSet, *, channels: int, resolution: int, batch_size: int, seed: int,
                  rank: int = 0, start_step: int = 0, num_workers: int = 0, shuffle_buffer: int = 1000,
                  limits: Limits | None = None) -> Batches:
-    stream = ShardStream(shards.urls, counts=shards.counts, channels=channels, resolution=resolution, batch_size=batch_size,
+    stream = ShardStream(shards.urls, counts=shards.counts, sha256s=shards.sha256s, channels=channels, resolution=resolution, batch_size=batch_size,
                          seed=seed, rank=rank, start_step=start_step, shuffle_buffer=shuffle_buffer, limits=limits)
     return Batches(stream, num_workers)
 
