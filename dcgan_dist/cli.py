@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from dcgan_dist.config import Config, describe, load_config
-from dcgan_dist.errors import DcganError
+from dcgan_dist.errors import DcganError, Stopped
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def run_main(main: Callable[[], int | None]) -> None:
     setup_logging()
     try:
         sys.exit(main() or 0)
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as a shell reports a process ended by it
     except DcganError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -19,3 +19,7 @@ class CheckpointError(DcganError):
 
 class TrackingError(DcganError):
     """MLflow cannot be reached or a model URI does not resolve."""
+
+
+class Stopped(DcganError):
+    """Training was asked to stop (SIGTERM, `ray job stop`): not a failure of input, but not a finished run."""

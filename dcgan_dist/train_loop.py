@@ -32,6 +32,7 @@ from dcgan_dist.ema import GeneratorEMA, evaluated_generator
 from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
+from dcgan_dist.stopping import stop_requested
 from dcgan_dist.torch_utils import gather, to_layout, unwrap
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         is_last = step == t.steps
         eval_now = bool(evaluator) and (step % t.eval_every == 0 or is_last)
-        save_now = step % t.checkpoint_every == 0 or is_last or eval_now
+        stopping = step % t.log_every == 0 and stop_requested(loop_config["mlflow_run_id"], rank, world, device)
+        save_now = step % t.checkpoint_every == 0 or is_last or eval_now or stopping
         sample_now = bool(logger) and ((t.sample_every and step % t.sample_every == 0) or is_last)
         shown = None  # the eval-mode generator, made once per step for the evaluation and the grid
         if step % t.log_every == 0 or save_now:
@@ -228,5 +230,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 logger.log_grid(step, shown(z_grid))
         if shown is not None:
             unwrap(step_fn.g).train()
+        if stopping:
+            log.info("rank %d: stop requested; checkpoint of step %d saved, leaving", rank, step)
+            break
     if logger:
         logger.close()  # waits (bounded) for metrics held while MLflow was unreachable

@@ -22,10 +22,11 @@ from dcgan_dist import champion, checkpoint, evaluation, networks, tracking
 from dcgan_dist.config import Config, DataConfig
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import ShardSet, resolve_shards
-from dcgan_dist.errors import ConfigError, DataError, DcganError
+from dcgan_dist.errors import ConfigError, DataError, DcganError, Stopped
 from dcgan_dist.ema import evaluated_generator
 from dcgan_dist.metrics.inception import load_inception
 from dcgan_dist.models import build_generator
+from dcgan_dist.stopping import stop_on_sigterm
 from dcgan_dist.train_loop import UNSCORED, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -208,13 +209,20 @@ def train(cfg: Config) -> TrainOutcome:
     init_ray(cfg)
     trainer = make_trainer(cfg, run_id, run_config(cfg, run_name))
     try:
-        result = trainer.fit()
+        with stop_on_sigterm(run_id, cfg.train.stop_timeout_s) as stop:
+            result = trainer.fit()
     except BaseException as e:
-        end_run_quietly(cfg, run_id, "FAILED")
+        end_run_quietly(cfg, run_id, "KILLED" if isinstance(e, (Stopped, KeyboardInterrupt)) else "FAILED")
         ours = user_error(e)
         if ours is not None:
             raise ours from None
         raise
+    if stop["requested"]:
+        deliver_held(cfg, run_id, result)
+        end_run_quietly(cfg, run_id, "KILLED")
+        where = result.checkpoint.path if result.checkpoint else "(none)"
+        raise Stopped(f"run {run_name} stopped at step {(result.metrics or {}).get('step')}, its checkpoint in "
+                      f"{where}; the same command resumes it")
     if result.checkpoint is None:
         tracking.end_run(cfg, run_id, "FAILED")
         raise RuntimeError(f"run {run_name} finished without a checkpoint")

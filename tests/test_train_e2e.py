@@ -109,6 +109,43 @@ def test_a_killed_worker_process_resumes_from_the_last_checkpoint(local_ray, tmp
     assert history(client, out.run_id, "loss_d") == list(range(2, 25, 2))  # none lost, none twice
 
 
+def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(local_ray, tmp_path, digits_dir):
+    """What `ray job stop` does to a job: SIGTERM to its driver. The 2 workers save a checkpoint at their next log
+    step and leave; the MLflow run is KILLED with every step up to there; the job exits 143 naming the step."""
+    import re
+    import sys
+
+    from conftest import REPO, sets
+
+    overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "stopped", "train.steps": 100000,
+                                                         "train.checkpoint_every": 100000, "train.sample_every": 0,
+                                                         "tracking.register": "false"})
+    cfg = load_config(overrides=overrides)
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *sets(overrides)], cwd=tmp_path,
+                            env={**os.environ, "RAY_ADDRESS": local_ray}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if 6 in history(MlflowClient(cfg.tracking.uri), find_run(cfg, "stopped"), "loss_d"):
+                    break
+            except Exception:  # the database or the run not made yet
+                pass
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out[-4000:]
+    step = int(re.search(r"stopped: run stopped stopped at step (\d+), its checkpoint in", out).group(1))
+    assert step >= 6 and (tmp_path / "ray_results" / "stopped" / f"checkpoint_{step:08d}" / "state.pt").is_file()
+    client = MlflowClient(cfg.tracking.uri)
+    run_id = find_run(cfg, "stopped")
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert history(client, run_id, "loss_d") == list(range(2, step + 1, 2))
+
+
 def test_fast_options_and_ema_train_in_sync_and_register_the_best_scored_checkpoint(local_ray, tmp_path, digits_dir):
     """bf16 autocast, fused Adam, small DDP buckets and bf16-compressed gradients (gloo) across 2 ranks, with a
     generator EMA and evaluations: ranks stay identical, allreduce time is measured, the best step is registered."""
