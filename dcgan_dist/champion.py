@@ -15,9 +15,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
 from dcgan_dist.config import Config
+from dcgan_dist.lease import RunLease
 from dcgan_dist.tracking import CHAMPION, tag_scores
 
 log = logging.getLogger(__name__)
+PROMOTION_WAIT_S = 600  # another promotion may be re-measuring the champion (FID on a GPU: minutes)
 
 # measure(version) -> (scores, {metric: protocol key}) under the candidate's protocol
 Measure = Callable[[str], tuple[dict[str, float], dict[str, str]]]
@@ -30,7 +32,18 @@ def recorded(mv, metric: str) -> tuple[float | None, str | None]:
 
 
 def promote_if_better(cfg: Config, version: str, measure: Measure | None = None) -> bool:
-    """Give `version` the champion alias if there is none, or if it measures better. Returns True if it has it."""
+    """Give `version` the champion alias if there is none, or if it measures better. Returns True if it has it.
+
+    MLflow has no compare-and-set on aliases, so the read, the comparison and the write happen under a lock: the
+    lease of lease.py, named after the model, in `ray.storage_path` (an S3 compare-and-set, or an flock). Two jobs
+    promoting at once take turns, and the second compares against whatever the first left. Jobs promoting the same
+    model must share `ray.storage_path` for this to hold."""
+    with RunLease(cfg.ray.storage_path, f"registry-{cfg.tracking.model_name}", wait_s=PROMOTION_WAIT_S,
+                  label=f"promotion of {cfg.tracking.model_name!r}"):
+        return _promote_if_better(cfg, version, measure)
+
+
+def _promote_if_better(cfg: Config, version: str, measure: Measure | None) -> bool:
     client, name, metric = MlflowClient(cfg.tracking.uri), cfg.tracking.model_name, cfg.tune.metric
     candidate = client.get_model_version(name, version)
     value, protocol = recorded(candidate, metric)

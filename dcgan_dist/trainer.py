@@ -22,9 +22,10 @@ from dcgan_dist import champion, checkpoint, evaluation, networks, tracking
 from dcgan_dist.config import Config, DataConfig
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import ShardSet, resolve_shards
-from dcgan_dist.errors import ConfigError, DataError, DcganError, Stopped
+from dcgan_dist.errors import ConfigError, DataError, DcganError, Stopped, TrackingError
 from dcgan_dist.ema import evaluated_generator
 from dcgan_dist.metrics.inception import load_inception
+from dcgan_dist.lease import RunLease
 from dcgan_dist.models import build_generator
 from dcgan_dist.stopping import stop_on_sigterm
 from dcgan_dist.train_loop import UNSCORED, train_loop_per_worker
@@ -200,8 +201,14 @@ def end_run_quietly(cfg: Config, run_id: str, status: str) -> None:
 
 
 def train(cfg: Config) -> TrainOutcome:
-    """Run (or resume) the training run `cfg.train.run_name` to `cfg.train.steps` steps."""
+    """Run (or resume) the training run `cfg.train.run_name` to `cfg.train.steps` steps; one job per run name at a
+    time (a second one is refused while the first holds the run's lease)."""
     cfg = prepare_inputs(cfg)
+    with RunLease(cfg.ray.storage_path, cfg.train.run_name):
+        return _train_holding_the_lease(cfg)
+
+
+def _train_holding_the_lease(cfg: Config) -> TrainOutcome:
     run_name = cfg.train.run_name
     run_id, resumed = tracking.start_run(cfg, run_name)
     log.info("%s MLflow run %s (%s), run name %r", "resuming" if resumed else "started", run_id,
@@ -230,7 +237,15 @@ def train(cfg: Config) -> TrainOutcome:
     deliver_held(cfg, run_id, result)
     with best_checkpoint(result).as_directory() as ckpt_dir:
         state = checkpoint.load(ckpt_dir)
-    version, is_champion = register(cfg, run_id, state) if cfg.tracking.register else (None, False)
+    version, is_champion = None, False
+    if cfg.tracking.register:
+        try:
+            version, is_champion = register(cfg, run_id, state)
+        except Exception as e:
+            end_run_quietly(cfg, run_id, "FAILED")
+            raise TrackingError(f"run {run_name} trained to step {state['step']} (checkpoints in "
+                                f"{result.checkpoint.path}), but registering its generator failed: {e}; run the same "
+                                f"command again once MLflow is reachable to register it") from None
     tracking.end_run(cfg, run_id)
     return TrainOutcome(run_name, run_id, int((result.metrics or {}).get("step", state["step"])),
                         dict(result.metrics or {}), result.checkpoint.path, version, state["step"],

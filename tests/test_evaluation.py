@@ -131,3 +131,38 @@ def test_evaluate_job_scores_a_registered_version_and_logs_the_protocol(cfg, dig
     assert Protocol.from_key(run.data.params["protocol.swd"]).data == resolve_shards(str(digits_dir)).fingerprint
     with pytest.raises(Exception, match="models:/nope@champion"):
         evaluation.evaluate_registered(cfg, "models:/nope@champion")
+
+
+def test_two_promotions_at_once_take_turns_and_the_better_wins(cfg, digits_dir):
+    """v2 and v3 both beat the champion v1; v3 beats v2. v2's promotion starts first and re-measures v1 slowly (a
+    champion scored under another protocol); v3's starts while it does. Unlocked, v3 would take the alias and
+    v2, finishing last, would overwrite it; under the promotion lock the second compares against the first's
+    result, so v3 ends as champion whichever order they run in."""
+    import threading
+    import time
+
+    client = MlflowClient(cfg.tracking.uri)
+    bank = read_sample(resolve_shards(str(digits_dir)), 128, channels=1, resolution=32)
+    v1 = register(cfg, BankGenerator(bank, scale=0.3), "worst", evaluation.make_evaluator(cfg))
+    assert champion.promote_if_better(cfg, v1)
+    cfg64 = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, num_images=64))
+    ev64 = evaluation.make_evaluator(cfg64)
+    v2 = register(cfg64, BankGenerator(bank, scale=0.6), "middle", ev64)
+    v3 = register(cfg64, BankGenerator(bank), "best", ev64)
+
+    def slow(seconds):
+        def measure(version):
+            time.sleep(seconds)  # re-measuring the champion: FID on real data takes a while
+            return evaluation.measurer(cfg64, ev64)(version)
+        return measure
+
+    results = {}
+    first = threading.Thread(target=lambda: results.update(v2=champion.promote_if_better(cfg64, v2, slow(2.0))))
+    second = threading.Thread(target=lambda: results.update(v3=champion.promote_if_better(cfg64, v3, slow(0.1))))
+    first.start()
+    time.sleep(0.5)
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert results == {"v2": True, "v3": True}  # each beat what it found
+    assert str(client.get_model_version_by_alias(cfg.tracking.model_name, "champion").version) == v3

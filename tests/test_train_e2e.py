@@ -109,13 +109,15 @@ def test_a_killed_worker_process_resumes_from_the_last_checkpoint(local_ray, tmp
     assert history(client, out.run_id, "loss_d") == list(range(2, 25, 2))  # none lost, none twice
 
 
-def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(local_ray, tmp_path, digits_dir):
-    """What `ray job stop` does to a job: SIGTERM to its driver. The 2 workers save a checkpoint at their next log
-    step and leave; the MLflow run is KILLED with every step up to there; the job exits 143 naming the step."""
+def test_a_second_job_on_a_busy_run_name_is_refused_and_sigterm_stops_the_first_cleanly(local_ray, tmp_path,
+                                                                                         digits_dir):
+    """A second job with a running job's run name is refused at once. Then what `ray job stop` does to the first:
+    SIGTERM to its driver. Its 2 workers save a checkpoint at their next log step and leave; the MLflow run is
+    KILLED with every step up to there; the job exits 143 naming the step."""
     import re
     import sys
 
-    from conftest import REPO, sets
+    from conftest import REPO, run_job, sets
 
     overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "stopped", "train.steps": 100000,
                                                          "train.checkpoint_every": 100000, "train.sample_every": 0,
@@ -133,6 +135,12 @@ def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(local_ray, tmp_path,
             except Exception:  # the database or the run not made yet
                 pass
             time.sleep(0.2)
+        # A second job with the same run name meanwhile: refused at once, naming the holder; the first goes on.
+        t0 = time.time()
+        second = run_job("train.py", *sets(overrides), cwd=tmp_path)
+        assert second.returncode == 2 and time.time() - t0 < 30, second.stderr[-2000:]
+        assert "train.run_name 'stopped' is being trained by" in second.stderr.strip().splitlines()[-1]
+        assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:

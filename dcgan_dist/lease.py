@@ -1,0 +1,154 @@
+"""One run name, one writer: a lease beside the run's checkpoints, so a second job with the same
+`train.run_name` is refused instead of racing the first for its MLflow run and pruning its checkpoints.
+
+In S3 (`ray.storage_path=s3://...`) the lease is an object created with `If-None-Match: *` and renewed with
+`If-Match` on its own ETag: a compare-and-set, so two jobs can never both hold it. The holder renews it every
+ttl/3; a lease not renewed for `ttl_s` (its holder died) is free to take, again by compare-and-set. Machines'
+clocks must agree to within a small part of the ttl (NTP). In a folder (local, or `file://` mounted by every
+node) it is an flock on a file, which the kernel releases when its holder dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import botocore.exceptions as bex
+
+from dcgan_dist.data import s3
+from dcgan_dist.errors import DataError, DcganError
+
+log = logging.getLogger(__name__)
+TTL_S = 60.0
+LEASE = ".lease"
+
+
+class RunBusy(DcganError):
+    """Another job holds the run name's lease."""
+
+
+def _busy(label: str, where: str, holder: dict) -> RunBusy:
+    until = time.strftime("%H:%M:%S", time.localtime(holder.get("expires", 0)))
+    return RunBusy(f"{label} is being trained by {holder.get('holder', '?')} (lease {where}, renewed until {until}): "
+                   f"stop that job, wait for it, or choose another train.run_name")
+
+
+def _conflict(e: bex.ClientError) -> bool:
+    """S3's answers when a conditional write loses: 412 PreconditionFailed, 409 ConditionalRequestConflict."""
+    return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
+
+
+class RunLease:
+    """`with RunLease(storage_path, run_name):` holds the lease for the block, or raises RunBusy (after waiting
+    up to `wait_s` for it to be free)."""
+
+    def __init__(self, storage_path: str, run_name: str, ttl_s: float = TTL_S, wait_s: float = 0,
+                 label: str | None = None):
+        self.run_name, self.ttl_s, self.wait_s = run_name, ttl_s, wait_s
+        self.label = label or f"train.run_name {run_name!r}"
+        self.where = f"{storage_path.rstrip('/')}/{run_name}/{LEASE}"
+        self.holder = f"{socket.gethostname()} pid {os.getpid()}"
+        self._stop = threading.Event()
+        self._etag, self._file, self._thread = None, None, None
+
+    def __enter__(self) -> "RunLease":
+        deadline = time.time() + self.wait_s
+        while True:
+            try:
+                self._acquire()
+                break
+            except RunBusy:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        log.info("holding the lease of %s (%s)", self.label, self.where)
+        return self
+
+    def _acquire(self) -> None:
+        if s3.is_s3(self.where):
+            self._acquire_s3()
+            self._thread = threading.Thread(target=self._renew_s3, daemon=True, name="run-lease")
+            self._thread.start()
+        else:
+            self._acquire_file()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+            with contextlib.suppress(bex.ClientError, bex.BotoCoreError, DataError):
+                bucket, key = s3.split(self.where)
+                current = s3.client().head_object(Bucket=bucket, Key=key)
+                if current["ETag"] == self._etag:  # still ours: free it now rather than at expiry
+                    s3.client().delete_object(Bucket=bucket, Key=key)
+        if self._file:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+    # --- a folder: flock -------------------------------------------------------------------------------------
+    def _acquire_file(self) -> None:
+        path = Path(self.where.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = json.loads(self._file.read() or "{}")
+            self._file.close()
+            self._file = None
+            raise _busy(self.label, self.where, {**holder, "expires": time.time()}) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(json.dumps({"holder": self.holder}))
+        self._file.flush()
+
+    # --- S3: conditional writes --------------------------------------------------------------------------------
+    def _body(self) -> bytes:
+        return json.dumps({"holder": self.holder, "expires": time.time() + self.ttl_s}).encode()
+
+    def _put(self, **condition) -> str:
+        bucket, key = s3.split(self.where)
+        return s3.client().put_object(Bucket=bucket, Key=key, Body=self._body(), **condition)["ETag"]
+
+    def _acquire_s3(self) -> None:
+        bucket, key = s3.split(self.where)
+        with s3.errors(self.where, "take the run's lease at"):
+            try:
+                self._etag = self._put(IfNoneMatch="*")
+                return
+            except bex.ClientError as e:
+                if not _conflict(e):
+                    raise
+            current = s3.client().get_object(Bucket=bucket, Key=key)
+            holder = json.loads(current["Body"].read())
+            if holder.get("expires", 0) > time.time():
+                raise _busy(self.label, self.where, holder)
+            log.warning("run %r: taking over the lease of %s, not renewed since its expiry", self.run_name,
+                        holder.get("holder"))
+            try:
+                self._etag = self._put(IfMatch=current["ETag"])
+            except bex.ClientError as e:
+                if _conflict(e):  # another job took it in between
+                    raise _busy(self.label, self.where, holder) from None
+                raise
+
+    def _renew_s3(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self._etag = self._put(IfMatch=self._etag)
+            except bex.ClientError as e:
+                if _conflict(e):
+                    log.error("run %r: lost the lease at %s to another job: checkpoints may now be written by two "
+                              "jobs", self.run_name, self.where)
+                    return
+                log.warning("run %r: could not renew the lease (%s); trying again", self.run_name, e)
+            except (bex.BotoCoreError, OSError) as e:
+                log.warning("run %r: could not renew the lease (%s); trying again", self.run_name, e)

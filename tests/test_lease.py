@@ -1,0 +1,82 @@
+"""The run-name lease (dcgan_dist/lease.py) in a folder and in a real S3 server (moto's), with a real holder
+killed by SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import boto3
+import pytest
+
+from dcgan_dist.bench.servers import MotoServer, client_env
+from dcgan_dist.data import s3
+from dcgan_dist.lease import RunBusy, RunLease
+
+HOLD = """
+import sys, time
+from dcgan_dist.lease import RunLease
+with RunLease(sys.argv[1], "bedrooms", ttl_s=float(sys.argv[2])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def hold_in_a_process(storage: str, ttl_s: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, storage, str(ttl_s)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.fixture
+def moto_s3():
+    server = MotoServer()
+    saved = {k: os.environ.get(k) for k in client_env("")}
+    os.environ.update(client_env(server.url))
+    s3._clients.clear()
+    boto3.client("s3").create_bucket(Bucket="ckpt")
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    s3._clients.clear()
+
+
+def test_a_folder_lease_refuses_a_second_holder_and_frees_when_its_holder_dies(tmp_path):
+    with RunLease(str(tmp_path), "bedrooms"):
+        with pytest.raises(RunBusy, match=r"'bedrooms' is being trained by .* pid %d" % os.getpid()):
+            RunLease(str(tmp_path), "bedrooms").__enter__()
+        with RunLease(str(tmp_path), "other"):  # another run name is another lease
+            pass
+    with RunLease(f"file://{tmp_path}", "bedrooms"):  # released at the end of the block
+        pass
+    proc = hold_in_a_process(str(tmp_path), 60)
+    with pytest.raises(RunBusy, match=f"pid {proc.pid}"):
+        RunLease(str(tmp_path), "bedrooms").__enter__()
+    proc.kill()
+    proc.wait()
+    with RunLease(str(tmp_path), "bedrooms"):  # the kernel released the dead holder's lock
+        pass
+
+
+def test_an_s3_lease_is_a_compare_and_set_renewed_by_its_holder_and_taken_over_after_it_dies(moto_s3):
+    storage = "s3://ckpt/runs"
+    proc = hold_in_a_process(storage, 1.5)
+    try:
+        time.sleep(2)  # beyond one ttl: the holder's renewals keep it
+        with pytest.raises(RunBusy, match=rf"pid {proc.pid} \(lease s3://ckpt/runs/bedrooms/.lease"):
+            RunLease(storage, "bedrooms", ttl_s=1.5).__enter__()
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(RunBusy):  # dead, but its lease has not expired yet
+        RunLease(storage, "bedrooms", ttl_s=1.5).__enter__()
+    time.sleep(2)
+    with RunLease(storage, "bedrooms", ttl_s=1.5) as lease:  # expired: taken over by compare-and-set
+        assert s3.exists("s3://ckpt/runs/bedrooms/.lease")
+        with pytest.raises(RunBusy):
+            RunLease(storage, "bedrooms").__enter__()
+        assert lease._etag
+    assert s3.exists("s3://ckpt/runs/bedrooms/.lease") is None  # freed at the end, not left to expire
