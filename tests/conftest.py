@@ -46,6 +46,29 @@ def local_ray():
     ray.shutdown()
 
 
+@contextlib.contextmanager
+def moto_server(*buckets: str):
+    """A real moto S3 server on loopback with `buckets`, and this process's S3 settings pointed at it."""
+    import boto3
+
+    from dcgan_dist.bench.servers import MotoServer, client_env
+    from dcgan_dist.data import s3
+
+    server = MotoServer()
+    saved = {k: os.environ.get(k) for k in client_env("")}
+    os.environ.update(client_env(server.url))
+    s3._clients.clear()
+    for bucket in buckets:
+        boto3.client("s3").create_bucket(Bucket=bucket)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        s3._clients.clear()
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The embedded digits as 32x32 shards, built once per session with the real shard writer."""

@@ -8,10 +8,9 @@ import subprocess
 import sys
 import time
 
-import boto3
 import pytest
 
-from dcgan_dist.bench.servers import MotoServer, client_env
+from conftest import moto_server
 from dcgan_dist.data import s3
 from dcgan_dist.lease import RunBusy, RunLease
 
@@ -32,16 +31,8 @@ def hold_in_a_process(storage: str, ttl_s: float) -> subprocess.Popen:
 
 @pytest.fixture
 def moto_s3():
-    server = MotoServer()
-    saved = {k: os.environ.get(k) for k in client_env("")}
-    os.environ.update(client_env(server.url))
-    s3._clients.clear()
-    boto3.client("s3").create_bucket(Bucket="ckpt")
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    s3._clients.clear()
+    with moto_server("ckpt") as server:
+        yield server
 
 
 def test_a_folder_lease_refuses_a_second_holder_and_frees_when_its_holder_dies(tmp_path):

@@ -15,7 +15,7 @@ import boto3
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, moto_server
 from dcgan_dist.data import s3, shards, sources
 from dcgan_dist.bench.synthetic import lsun_key, write_lsun_lmdb
 from dcgan_dist.data.loader import make_batches, resolve_shards
@@ -25,16 +25,8 @@ from dcgan_dist.bench.servers import MotoServer, client_env
 
 @pytest.fixture(scope="module")
 def moto():
-    server = MotoServer()
-    saved = {k: os.environ.get(k) for k in client_env("")}
-    os.environ.update(client_env(server.url))
-    s3._clients.clear()
-    boto3.client("s3").create_bucket(Bucket="data")
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    s3._clients.clear()
+    with moto_server("data") as server:
+        yield server
 
 
 def make_lmdb(path, n, corrupt=()):
