@@ -80,7 +80,7 @@ class MlflowServer:
         self.log = self.state_dir / "server.log"
         self.start()
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 120) -> None:  # its imports alone take 20-40 s on 2 busy cores
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(["bash", str(REPO / "cluster" / "start_mlflow.sh")], env=self.env,

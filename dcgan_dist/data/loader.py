@@ -190,7 +190,8 @@ def tar_members(url: str, max_bytes: int = MAX_SAMPLE_BYTES, sha256: str | None 
     """A shard's files as webdataset's tar stage yields them ({"fname", "data", "__url__"}), read as a plain tar
     stream: a compressed shard is refused, and a member over `max_bytes` ends the shard before it is read (its
     header gives the size), so one huge member cannot run a DataLoader worker out of memory. With `sha256` (the
-    manifest's), the shard is hashed as it streams and a mismatch is an error at its end."""
+    manifest's), the shard is hashed as it streams and a mismatch is an error at its end.
+    Not webdataset's tar_file_expander: it reads every member whole whatever its header says, and opens gzip."""
     with open_shard(url) as raw:
         stream = HashingReader(raw) if sha256 else raw
         with tarfile.open(fileobj=stream, mode="r|") as tar:
