@@ -54,6 +54,7 @@ class DataConfig:
     max_bad_shards: int = doc("stop with an error after this many shards in a row without a usable image", 16)
     max_sample_bytes: int = doc("largest tar member read; a bigger one ends its shard unread", 16 << 20)
     verify_sha256: bool = doc("hash each shard as it streams and check it against the manifest", False)
+    max_stall_s: float = doc("stop with an error when no usable image came for this long (S3 down for good)", 60.0)
 
 
 @dataclass
@@ -303,6 +304,7 @@ def validate(cfg: Config) -> Config:
     d = cfg.data
     _check(0 <= d.max_skip_fraction <= 1, "data.max_skip_fraction", f"must be in [0, 1], got {d.max_skip_fraction}")
     _check(d.max_bad_shards >= 1, "data.max_bad_shards", f"must be >= 1, got {d.max_bad_shards}")
+    _check(d.max_stall_s > 0, "data.max_stall_s", f"must be positive, got {d.max_stall_s}")
     _check(d.max_sample_bytes >= 1024, "data.max_sample_bytes", f"must be >= 1024, got {d.max_sample_bytes}")
     for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
         _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")

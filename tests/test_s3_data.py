@@ -9,6 +9,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import boto3
@@ -370,3 +371,33 @@ def test_throttling_beyond_botocores_retries_backs_off_instead_of_skipping(moto)
         os.environ["AWS_ENDPOINT_URL_S3"] = moto.url
         s3._clients.clear()
         proxy.close()
+
+
+def test_an_s3_that_is_down_for_good_stops_the_stream_within_max_stall_s(moto, monkeypatch):
+    """The endpoint stops answering (nothing listens there any more): every shard fails; the stream ends with an
+    error naming the stall and the shards, instead of retrying forever. Retries are cut short here (one try
+    each) so that the test waits on the stall limit, not on the backoff."""
+    from dcgan_dist.data.loader import Limits
+
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as t:
+        info = tarfile.TarInfo("0.png")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    for i in range(3):
+        boto3.client("s3").put_object(Bucket="data", Key=f"gone/shard-{i:06d}.tar", Body=tar.getvalue())
+    shard_set = resolve_shards("s3://data/gone/")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(s3, "MAX_ATTEMPTS", 1)
+    monkeypatch.setattr(s3, "RETRIES", 1)
+    monkeypatch.setattr(s3, "BACKOFF_S", 0.01)
+    s3._clients.clear()
+    try:
+        t0 = time.time()
+        with pytest.raises(DataError, match=r"no usable image for \d+ s \(data.max_stall_s=1\); the last shards: "
+                                            r"s3://data/gone/shard-00000\d.tar \(shard .* unreadable"):
+            next(make_batches(shard_set, channels=1, resolution=32, batch_size=4, seed=0,
+                              limits=Limits(max_bad_shards=10**6, max_stall_s=1)))
+        assert time.time() - t0 < 30
+    finally:
+        s3._clients.clear()

@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import tarfile
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class Limits:
     max_bad_shards: int = 16
     max_sample_bytes: int = MAX_SAMPLE_BYTES
     verify_sha256: bool = False
+    max_stall_s: float = 60.0
 
     @classmethod
     def of(cls, data_config) -> "Limits":
@@ -297,6 +299,7 @@ class ShardStream(IterableDataset):
         self.limits = limits or Limits()
         self.skipped = self.good = 0
         self.bad_run: list[str] = []  # the shards read in a row without a usable image, with why
+        self.last_good = time.monotonic()
         self.last_skip = ""
         self.shards_read: Counter[str] = Counter()
 
@@ -319,6 +322,10 @@ class ShardStream(IterableDataset):
             if len(self.bad_run) >= self.limits.max_bad_shards:
                 raise DataError(f"{len(self.bad_run)} shards in a row without a usable image (data.max_bad_shards="
                                 f"{self.limits.max_bad_shards}): {'; '.join(self.bad_run[-3:])}")
+            stalled = time.monotonic() - self.last_good
+            if stalled > self.limits.max_stall_s:  # each shard of an S3 that is down costs its retries (~40 s)
+                raise DataError(f"no usable image for {stalled:.0f} s (data.max_stall_s={self.limits.max_stall_s:g}); "
+                                f"the last shards: {'; '.join(self.bad_run[-3:])}")
 
     def _skip(self, what) -> bool:
         self.skipped += 1
@@ -333,6 +340,7 @@ class ShardStream(IterableDataset):
 
     def _count(self, image: torch.Tensor) -> torch.Tensor:
         self.good += 1
+        self.last_good = time.monotonic()
         return image
 
     def __iter__(self) -> Iterator[dict]:
@@ -340,6 +348,7 @@ class ShardStream(IterableDataset):
         worker = info.id if info else 0
         seed = f"{self.seed}/{self.rank}/{worker}/{self.start_step}"
         shard_seed = int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16)  # not hash(seed): it varies per process
+        self.last_good = time.monotonic()
         return iter(wds.DataPipeline(
             wds.ResampledShards(self.urls, worker_seed=lambda: shard_seed, deterministic=True),
             self._read,

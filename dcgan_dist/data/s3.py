@@ -56,12 +56,15 @@ def split(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+MAX_ATTEMPTS = 5  # botocore's own tries per request, before ours (ResumableBody)
+
+
 def client():
     """This process's S3 client (boto3 clients are thread-safe but must not cross a fork)."""
     pid = os.getpid()
     with _lock:
         if pid not in _clients:
-            cfg = Config(retries={"mode": "adaptive", "max_attempts": 5}, connect_timeout=5, read_timeout=30,
+            cfg = Config(retries={"mode": "adaptive", "max_attempts": MAX_ATTEMPTS}, connect_timeout=5, read_timeout=30,
                          max_pool_connections=32)
             _clients[pid] = boto3.session.Session().client("s3", config=cfg)
         return _clients[pid]
@@ -155,6 +158,9 @@ def check_bucket(url: str, action: str) -> None:
             raise
 
 
+RETRIES, BACKOFF_S = 8, 0.5  # our re-requests; the first waits BACKOFF_S, doubling to max_backoff (~40 s in all)
+
+
 class ResumableBody(io.RawIOBase):
     """A readable stream over one S3 object that survives dropped connections.
 
@@ -165,9 +171,11 @@ class ResumableBody(io.RawIOBase):
     skips the shard).
     """
 
-    def __init__(self, url: str, max_retries: int = 8, backoff: float = 0.5, max_backoff: float = 8.0):
+    def __init__(self, url: str, max_retries: int | None = None, backoff: float | None = None,
+                 max_backoff: float = 8.0):
         self.url, (self.bucket, self.key) = url, split(url)
-        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.max_retries = RETRIES if max_retries is None else max_retries
+        self.backoff, self.max_backoff = backoff or BACKOFF_S, max_backoff
         self.pos, self.size, self.etag = 0, None, None
         self.body = None
         self._connect()
