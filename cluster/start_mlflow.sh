@@ -68,6 +68,10 @@ INI
   *) echo "error: MLFLOW_AUTH must be empty or 'basic', got '${MLFLOW_AUTH}'" >&2; exit 2 ;;
 esac
 
+# MLflow 3's server starts three job-queue consumers (for GenAI scorers) by default: ~800 MB and seconds of CPU
+# this project never uses. Off unless asked for.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+
 echo "mlflow server: runs in ${backend%%://*}://..., artifacts in $artifacts, http://$host:$port${MLFLOW_AUTH:+ (basic auth)}" >&2
 exec "${MLFLOW_EXE:-mlflow}" server --backend-store-uri "$backend" --artifacts-destination "$artifacts" \
   --host "$host" --port "$port" --workers 1 "${args[@]}"

@@ -69,6 +69,8 @@ class TrainConfig:
     log_every: int = doc("steps between metric reports", 10)
     checkpoint_every: int = doc("steps between checkpoints (metrics reach MLflow with each checkpoint)", 100)
     stop_timeout_s: float = doc("on SIGTERM, how long the driver waits for the workers' last checkpoint", 60.0)
+    lease_ttl_s: float = doc("the run-name lease in S3 lapses this long after its job died (renewed every third)",
+                             60.0)
     sample_every: int = doc("steps between 8x8 sample grids (0 = only at the end)", 100)
     run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "")
     sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics (GPU only)", False)
@@ -316,6 +318,7 @@ def validate(cfg: Config) -> Config:
         _check(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _check(t.stop_timeout_s > 0, "train.stop_timeout_s", f"must be positive, got {t.stop_timeout_s}")
+    _check(t.lease_ttl_s >= 3, "train.lease_ttl_s", f"must be >= 3, got {t.lease_ttl_s}")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _check(not t.run_name or RUN_NAME.fullmatch(t.run_name), "train.run_name",
            f"must start with a letter or digit and hold only letters, digits and . _ - (at most 128), got {t.run_name!r}")

@@ -204,7 +204,7 @@ def train(cfg: Config) -> TrainOutcome:
     """Run (or resume) the training run `cfg.train.run_name` to `cfg.train.steps` steps; one job per run name at a
     time (a second one is refused while the first holds the run's lease)."""
     cfg = prepare_inputs(cfg)
-    with RunLease(cfg.ray.storage_path, cfg.train.run_name):
+    with RunLease(cfg.ray.storage_path, cfg.train.run_name, ttl_s=cfg.train.lease_ttl_s):
         return _train_holding_the_lease(cfg)
 
 
