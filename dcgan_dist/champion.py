@@ -39,7 +39,8 @@ def promote_if_better(cfg: Config, version: str, measure: Measure | None = None)
     promoting at once take turns, and the second compares against whatever the first left. Jobs promoting the same
     model must share `ray.storage_path` for this to hold."""
     with RunLease(cfg.ray.storage_path, f"registry-{cfg.tracking.model_name}", wait_s=PROMOTION_WAIT_S,
-                  label=f"promotion of {cfg.tracking.model_name!r}"):
+                  label=f"a promotion of {cfg.tracking.model_name!r} is under way",
+                  hint=f"still held after {PROMOTION_WAIT_S} s; if its holder died, it lapses by itself"):
         return _promote_if_better(cfg, version, measure)
 
 

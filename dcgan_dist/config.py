@@ -289,7 +289,7 @@ def _check_finite(cfg: Config) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check ranges and fill preset-derived values, so what gets logged is what ran."""
-    m, t, r = cfg.model, cfg.train, cfg.ray
+    m, d, t, r = cfg.model, cfg.data, cfg.train, cfg.ray
     _check_finite(cfg)
     _check(m.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {m.preset!r}")
     _check(m.resolution in RESOLUTIONS, "model.resolution", f"must be one of {RESOLUTIONS}, got {m.resolution}")
@@ -300,10 +300,9 @@ def validate(cfg: Config) -> Config:
     _check(m.kernel in (4, 5), "model.kernel", f"must be 4 or 5, got {m.kernel}")
     _check(m.nz > 0, "model.nz", f"must be positive, got {m.nz}")
     _check(m.nc in (0, 1, 3), "model.nc", f"must be 1, 3 or 0 (from the data), got {m.nc}")
-    _check(bool(cfg.data.url), "data.url", "must name a shard folder, brace pattern or s3:// prefix")
-    _check(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
-    _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {cfg.data.shuffle_buffer}")
-    d = cfg.data
+    _check(bool(d.url), "data.url", "must name a shard folder, brace pattern or s3:// prefix")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
     _check(0 <= d.max_skip_fraction <= 1, "data.max_skip_fraction", f"must be in [0, 1], got {d.max_skip_fraction}")
     _check(d.max_bad_shards >= 1, "data.max_bad_shards", f"must be >= 1, got {d.max_bad_shards}")
     _check(d.max_stall_s > 0, "data.max_stall_s", f"must be positive, got {d.max_stall_s}")
@@ -326,7 +325,7 @@ def validate(cfg: Config) -> Config:
            f"must be a name of letters, digits, spaces and . _ / -, got {cfg.tracking.experiment!r}")
     _check(bool(RUN_NAME.fullmatch(cfg.tracking.model_name)), "tracking.model_name",
            f"must start with a letter or digit and hold only letters, digits and . _ -, got {cfg.tracking.model_name!r}")
-    for key, url in (("data.url", cfg.data.url), ("ray.storage_path", r.storage_path)):
+    for key, url in (("data.url", d.url), ("ray.storage_path", r.storage_path)):
         _check(not url.startswith("s3://") or bool(url[5:].split("/")[0]), key, f"names no bucket: {url!r}")
     _check(t.compile in COMPILE_MODES, "train.compile", f"must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")

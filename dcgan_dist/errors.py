@@ -4,6 +4,12 @@
 class DcganError(Exception):
     """Base class: anything the user can fix by changing input, config or environment."""
 
+    def one_line(self) -> "DcganError":
+        """The same error with only its own message: raised in another process (a DataLoader worker, a Ray Train
+        worker), its text arrives as that process's whole traceback, which ends with `...Error: <message>`."""
+        last = str(self).strip().splitlines()[-1] if str(self).strip() else ""
+        return type(self)(last.split(f"{type(self).__name__}: ", 1)[-1])
+
 
 class ConfigError(DcganError):
     """A config key is unknown, has the wrong type, or an invalid value."""

@@ -34,10 +34,12 @@ class RunBusy(DcganError):
     """Another job holds the run name's lease."""
 
 
-def _busy(label: str, where: str, holder: dict) -> RunBusy:
+RUN_HINT = "stop that job, wait for it, or choose another train.run_name"
+
+
+def _busy(label: str, where: str, holder: dict, hint: str) -> RunBusy:
     until = time.strftime("%H:%M:%S", time.localtime(holder.get("expires", 0)))
-    return RunBusy(f"{label} is being trained by {holder.get('holder', '?')} (lease {where}, renewed until {until}): "
-                   f"stop that job, wait for it, or choose another train.run_name")
+    return RunBusy(f"{label} by {holder.get('holder', '?')} (lease {where}, renewed until {until}): {hint}")
 
 
 def _conflict(e: bex.ClientError) -> bool:
@@ -50,9 +52,9 @@ class RunLease:
     up to `wait_s` for it to be free)."""
 
     def __init__(self, storage_path: str, run_name: str, ttl_s: float = TTL_S, wait_s: float = 0,
-                 label: str | None = None):
-        self.run_name, self.ttl_s, self.wait_s = run_name, ttl_s, wait_s
-        self.label = label or f"train.run_name {run_name!r}"
+                 label: str | None = None, hint: str = RUN_HINT):
+        self.ttl_s, self.wait_s, self.hint = ttl_s, wait_s, hint
+        self.label = label or f"train.run_name {run_name!r} is being trained"
         self.where = f"{storage_path.rstrip('/')}/{run_name}/{LEASE}"
         self.holder = f"{socket.gethostname()} pid {os.getpid()}"
         self._stop = threading.Event()
@@ -68,7 +70,7 @@ class RunLease:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
-        log.info("holding the lease of %s (%s)", self.label, self.where)
+        log.info("holding the lease %s", self.where)
         return self
 
     def _acquire(self) -> None:
@@ -104,7 +106,7 @@ class RunLease:
             holder = json.loads(self._file.read() or "{}")
             self._file.close()
             self._file = None
-            raise _busy(self.label, self.where, {**holder, "expires": time.time()}) from None
+            raise _busy(self.label, self.where, {**holder, "expires": time.time()}, self.hint) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(json.dumps({"holder": self.holder}))
@@ -130,14 +132,14 @@ class RunLease:
             current = s3.client().get_object(Bucket=bucket, Key=key)
             holder = json.loads(current["Body"].read())
             if holder.get("expires", 0) > time.time():
-                raise _busy(self.label, self.where, holder)
-            log.warning("run %r: taking over the lease of %s, not renewed since its expiry", self.run_name,
+                raise _busy(self.label, self.where, holder, self.hint)
+            log.warning("%s: taking over the lease of %s, not renewed since its expiry", self.where,
                         holder.get("holder"))
             try:
                 self._etag = self._put(IfMatch=current["ETag"])
             except bex.ClientError as e:
                 if _conflict(e):  # another job took it in between
-                    raise _busy(self.label, self.where, holder) from None
+                    raise _busy(self.label, self.where, holder, self.hint) from None
                 raise
 
     def _renew_s3(self) -> None:
@@ -146,9 +148,8 @@ class RunLease:
                 self._etag = self._put(IfMatch=self._etag)
             except bex.ClientError as e:
                 if _conflict(e):
-                    log.error("run %r: lost the lease at %s to another job: checkpoints may now be written by two "
-                              "jobs", self.run_name, self.where)
+                    log.error("lost the lease at %s to another job: two jobs may now write there", self.where)
                     return
-                log.warning("run %r: could not renew the lease (%s); trying again", self.run_name, e)
+                log.warning("could not renew the lease at %s (%s); trying again", self.where, e)
             except (bex.BotoCoreError, OSError) as e:
-                log.warning("run %r: could not renew the lease (%s); trying again", self.run_name, e)
+                log.warning("could not renew the lease at %s (%s); trying again", self.where, e)

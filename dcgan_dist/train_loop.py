@@ -26,7 +26,7 @@ from torch import nn
 
 from dcgan_dist import checkpoint, tracking
 from dcgan_dist.config import Config, from_dict
-from dcgan_dist.data.loader import Limits, ShardSet, make_batches, to_model_input
+from dcgan_dist.data.loader import ShardSet, make_batches, to_model_input
 from dcgan_dist.ddp_hooks import AllreduceTimer
 from dcgan_dist.ema import GeneratorEMA, evaluated_generator
 from dcgan_dist.metrics.evaluator import Evaluator
@@ -173,7 +173,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shards = ShardSet(**loop_config["shards"])  # resolved once, by the driver
     batches = make_batches(shards, channels=m.nc, resolution=m.resolution, batch_size=t.batch_size, seed=t.seed,
                            rank=rank, start_step=start, num_workers=cfg.data.num_workers,
-                           shuffle_buffer=cfg.data.shuffle_buffer, limits=Limits.of(cfg.data))
+                           shuffle_buffer=cfg.data.shuffle_buffer, limits=cfg.data)
     logger = None
     if rank == 0:  # the only rank that talks to MLflow, from whichever node it landed on
         uri = tracking.as_seen_from(cfg.tracking.uri, loop_config["driver_ip"], ray.util.get_node_ip_address())

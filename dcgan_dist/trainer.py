@@ -188,7 +188,7 @@ def user_error(e: BaseException) -> DcganError | None:
     for failure in getattr(e, "worker_failures", {}).values():
         cause = getattr(failure, "cause", failure)  # a RayTaskError wraps the worker's exception
         if isinstance(cause, DcganError):
-            return type(cause)(str(cause).strip().splitlines()[-1])
+            return cause.one_line()
     return None
 
 

@@ -287,7 +287,7 @@ def test_a_wrong_resolution_folder_stops_with_an_error_naming_the_shard(tmp_path
 
 
 def test_empty_and_unreadable_shards_in_a_row_stop_the_stream(tmp_path):
-    from dcgan_dist.data.loader import Limits
+    from dcgan_dist.config import DataConfig
 
     empty = write_shards(tmp_path / "empty", {f"shard-{i:06d}.tar": tar_bytes([]) for i in range(3)})
     with pytest.raises(DataError, match=r"16 shards in a row without a usable image \(data.max_bad_shards=16\): "
@@ -295,7 +295,7 @@ def test_empty_and_unreadable_shards_in_a_row_stop_the_stream(tmp_path):
         next(make_batches(empty, channels=1, resolution=32, batch_size=8, seed=0))
     junk = write_shards(tmp_path / "junk", {f"shard-{i:06d}.tar": bytes(range(256)) * 40 for i in range(3)})
     with pytest.raises(DataError, match=r"4 shards in a row .*shard-00000\d.tar \(shard .* unreadable"):
-        next(make_batches(junk, channels=1, resolution=32, batch_size=8, seed=0, limits=Limits(max_bad_shards=4)))
+        next(make_batches(junk, channels=1, resolution=32, batch_size=8, seed=0, limits=DataConfig(max_bad_shards=4)))
 
 
 def test_a_few_bad_samples_are_tolerated_and_a_good_shard_resets_the_streak(tmp_path):
@@ -416,7 +416,8 @@ def test_a_planted_cifar_pickle_is_refused_and_runs_nothing(tmp_path):
 def test_verify_sha256_reports_a_shard_changed_after_its_manifest(digits_dir, tmp_path):
     import shutil
 
-    from dcgan_dist.data.loader import Limits, shard_samples
+    from dcgan_dist.config import DataConfig
+    from dcgan_dist.data.loader import shard_samples
 
     copy = tmp_path / "digits"
     shutil.copytree(digits_dir, copy)
@@ -433,7 +434,7 @@ def test_verify_sha256_reports_a_shard_changed_after_its_manifest(digits_dir, tm
     assert len(list(shard_samples(url, errors.append, sha256=shard_set.sha256s[url]))) == 499
     assert len(errors) == 1 and "the shard changed after the manifest was written" in errors[0] and url in errors[0]
     it = make_batches(shard_set, channels=1, resolution=32, batch_size=50, seed=0, shuffle_buffer=10,
-                      limits=Limits(verify_sha256=True))
+                      limits=DataConfig(verify_sha256=True))
     for _ in range(40):
         next(it)
     assert it.skipped >= 1  # counted in data_skipped

@@ -10,7 +10,6 @@ row without one usable image, stops with a DataError that names them (an endless
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import io
@@ -35,6 +34,7 @@ from webdataset.tariterators import group_by_keys
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
 
+from dcgan_dist.config import DataConfig
 from dcgan_dist.data import s3
 from dcgan_dist.data.shards import MANIFEST
 from dcgan_dist.errors import DataError
@@ -42,23 +42,7 @@ from dcgan_dist.errors import DataError
 log = logging.getLogger(__name__)
 
 SKIP_FLOOR = 100  # skipped samples always tolerated before data.max_skip_fraction is judged
-MAX_SAMPLE_BYTES = 16 << 20  # default for data.max_sample_bytes: a 1024x1024 RGB image is 3 MiB raw
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How much bad data a stream tolerates before it stops (data.max_skip_fraction, max_bad_shards,
-    max_sample_bytes)."""
-    max_skip_fraction: float = 0.05
-    max_bad_shards: int = 16
-    max_sample_bytes: int = MAX_SAMPLE_BYTES
-    verify_sha256: bool = False
-    max_stall_s: float = 60.0
-
-    @classmethod
-    def of(cls, data_config) -> "Limits":
-        """The limits a DataConfig sets (its keys of the same names)."""
-        return cls(**{f.name: getattr(data_config, f.name) for f in dataclasses.fields(cls)})
+MAX_SAMPLE_BYTES = DataConfig.max_sample_bytes
 
 
 @dataclass
@@ -291,12 +275,13 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], *, counts: dict[str, int] | None = None,
                  sha256s: dict[str, str] | None = None, channels: int, resolution: int,
                  batch_size: int, seed: int, rank: int, start_step: int, shuffle_buffer: int = 1000,
-                 limits: Limits | None = None):
+                 limits: DataConfig | None = None):
+        """`limits`: how much bad data to tolerate (the data.max_* keys and data.verify_sha256)."""
         self.urls, self.counts, self.sha256s = urls, counts or {}, sha256s or {}
         self.channels, self.resolution = channels, resolution
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.rank, self.start_step = seed, rank, start_step
-        self.limits = limits or Limits()
+        self.limits = limits or DataConfig()
         self.skipped = self.good = 0
         self.bad_run: list[str] = []  # the shards read in a row without a usable image, with why
         self.last_good = time.monotonic()
@@ -383,17 +368,18 @@ class Batches:
     def __next__(self) -> torch.Tensor:
         try:
             b = next(self._it)
-        except DataError as e:  # from a DataLoader worker, its message is the worker's whole traceback: keep ours
-            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        except DataError as e:  # raised in a DataLoader worker
+            raise e.one_line() from None
         self._stats[b["worker"]] = b["stats"]
         return b["image"]
 
 
 def make_batches(shards: ShardSet, *, channels: int, resolution: int, batch_size: int, seed: int,
                  rank: int = 0, start_step: int = 0, num_workers: int = 0, shuffle_buffer: int = 1000,
-                 limits: Limits | None = None) -> Batches:
-    stream = ShardStream(shards.urls, counts=shards.counts, sha256s=shards.sha256s, channels=channels, resolution=resolution, batch_size=batch_size,
-                         seed=seed, rank=rank, start_step=start_step, shuffle_buffer=shuffle_buffer, limits=limits)
+                 limits: DataConfig | None = None) -> Batches:
+    stream = ShardStream(shards.urls, counts=shards.counts, sha256s=shards.sha256s, channels=channels,
+                         resolution=resolution, batch_size=batch_size, seed=seed, rank=rank, start_step=start_step,
+                         shuffle_buffer=shuffle_buffer, limits=limits)
     return Batches(stream, num_workers)
 
 
