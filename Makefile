@@ -21,6 +21,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests -m "not cluster" --durations=15   # unit + local end to end: <= 8 min
+	bash tests/install_bed_tools.sh                                     # ip/tc, sshd, rsync for the hosts, if missing
 	$(BIN)/python -m pytest -q tests -m cluster --durations=5          # own clusters and hosts: the multi-host budget
 
 bench: setup

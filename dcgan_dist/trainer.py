@@ -242,6 +242,7 @@ def _train_holding_the_lease(cfg: Config) -> TrainOutcome:
         try:
             version, is_champion = register(cfg, run_id, state)
         except Exception as e:
+            log.warning("registering the generator of run %s failed", run_name, exc_info=True)  # the whole story
             end_run_quietly(cfg, run_id, "FAILED")
             raise TrackingError(f"run {run_name} trained to step {state['step']} (checkpoints in "
                                 f"{result.checkpoint.path}), but registering its generator failed: {e}; run the same "

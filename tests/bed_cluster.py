@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from netbed import Bed, Host
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 S3_PORT, MLFLOW_PORT, DASHBOARD_PORT = 9000, 5000, 8265
+DIGITS = "s3://data/digits-32/"  # the training data both bed suites use, made by start_s3()
 UPLOAD_EXCLUDES = [".git", ".venv", "data", "mlflow.db", "mlruns", "mlartifacts", "ray_results", "outputs"]
 MLFLOW_USER = "trainer"
 # Every bed host has the machine's one hostname, which resolves to loopback: Gloo would advertise 127.0.0.1 to the
@@ -46,7 +48,7 @@ def start_commands(kind: str, host: Host, head_ip: str) -> list[str]:
     if kind == "head" and (resources := spec["available_node_types"][spec["head_node_type"]].get("resources")):
         prefix = f"export RAY_OVERRIDE_RESOURCES='{json.dumps(resources)}'; "
     for cmd in spec[f"{kind}_start_ray_commands"]:
-        if cmd.strip() == "ray stop":
+        if cmd.strip() == "ray stop" or "stop_with_raylet" in cmd:
             continue  # finds Ray by process name; the bed's hosts share one process table, so it would stop them all
         if "mlflow" in cmd:  # its admin password, start_mlflow.sh, mlflow_access.py: done by start_mlflow()
             continue  # the bed's MLflow lives on `services` (reached through the head's 127.0.0.1:5000)
@@ -58,6 +60,60 @@ def start_commands(kind: str, host: Host, head_ip: str) -> list[str]:
         commands.append(prefix + cmd)
     assert commands, f"ray_cluster.yaml has no {kind}_start_ray_commands"
     return commands
+
+
+def start_s3(host: Host) -> str:
+    """moto's S3 server on `host` with the buckets data, ckpt and mlflow, and the digits as shards in s3://data/
+    (built from the laptop, README "Bring your own data"); returns its URL."""
+    url = f"http://{host.ip}:{S3_PORT}"
+    host.spawn([str(BIN / "moto_server"), "-H", "0.0.0.0", "-p", str(S3_PORT)], log="moto.log")
+    wait_for(lambda: urllib.request.urlopen(f"{url}/moto-api/", timeout=1), 30, f"moto on {host.name}")
+    import boto3
+
+    from dcgan_dist.data import s3, shards, sources
+
+    for bucket in ("data", "ckpt", "mlflow"):
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
+    saved = os.environ.get("AWS_ENDPOINT_URL_S3")
+    os.environ["AWS_ENDPOINT_URL_S3"] = url
+    try:
+        s3._clients.clear()
+        shards.build_shards(sources.Digits(), DIGITS, resolution=32, encoding="png", shard_size=500, workers=2,
+                            progress=False)
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL_S3") if saved is None else os.environ.__setitem__("AWS_ENDPOINT_URL_S3", saved)
+        s3._clients.clear()
+    return url
+
+
+def overrides(run_name: str, steps: int, log_every: int, ckpt_every: int, **extra) -> list[str]:
+    """README step 4's command, tiny: 2 workers on the 2 worker hosts (2 CPUs each), data and checkpoints in S3,
+    `tracking.uri=http://127.0.0.1:5000` exactly as the README says."""
+    values = {
+        "ray.address": "auto", "ray.num_workers": 2, "ray.cpus_per_worker": 2,
+        "data.url": DIGITS, "model.resolution": 32, "data.num_workers": 0, "data.shuffle_buffer": 200,
+        "ray.storage_path": "s3://ckpt/runs", "train.run_name": run_name, "train.steps": steps,
+        "tracking.uri": "http://127.0.0.1:5000",
+        "model.ngf": 8, "model.ndf": 8, "train.batch_size": 16, "train.log_every": log_every,
+        "train.checkpoint_every": ckpt_every, "train.sample_every": 8, "train.eval_every": 0,
+        "metrics.num_images": 64,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def expected_steps(steps: int, log_every: int, ckpt_every: int) -> list[int]:
+    """The steps a run logs `loss_d` at: every log step and every checkpoint step."""
+    return [s for s in range(1, steps + 1) if s % log_every == 0 or s % ckpt_every == 0]
+
+
+def keep_logs(bed: Bed, dest: Path) -> None:
+    """Copy the hosts' logs (moto, MLflow, sshd, Ray's) out of the bed, which is deleted, for whoever reads a failure."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for log in bed.dir.rglob("*"):
+        if log.suffix in (".log", ".out", ".err") and log.is_file() and "runtime_resources" not in log.parts:
+            (dest / log.relative_to(bed.dir)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, dest / log.relative_to(bed.dir))
 
 
 def wait_for(check, timeout: float, what: str, pause: float = 0.5):
@@ -95,13 +151,7 @@ class BedCluster:
 
     # --- services -------------------------------------------------------------------------------------------
     def start_services(self) -> None:
-        self.services.spawn([str(BIN / "moto_server"), "-H", "0.0.0.0", "-p", str(S3_PORT)], log="moto.log")
-        wait_for(lambda: urllib.request.urlopen(f"{self.s3_url}/moto-api/", timeout=1), 30, "moto on services")
-        import boto3
-
-        s3 = boto3.client("s3", endpoint_url=self.s3_url)
-        for bucket in ("data", "ckpt", "mlflow"):
-            s3.create_bucket(Bucket=bucket)
+        start_s3(self.services)
         self.start_mlflow()
 
     def start_mlflow(self) -> None:

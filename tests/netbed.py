@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 BASE = Path("/tmp")                    # short: Ray's socket paths must stay under ~107 characters
+ETC = Path("/etc/netns")               # `ip netns exec NS` mounts ETC/NS/<file> over /etc/<file>: per-host /etc files
 LOCK = BASE / "netbed.lock"            # serializes sweeping, subnet choice and creation across beds
 NAME = re.compile(r"^(nb[0-9a-f]{4})-")  # every namespace and link of a bed starts with its prefix
 HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
@@ -125,6 +126,8 @@ def _destroy(prefix: str) -> None:
     for link in _links():
         if link.startswith(prefix + "-"):
             sh("ip", "link", "del", link, check=False)
+    for etc in ETC.glob(prefix + "-*"):
+        shutil.rmtree(etc, ignore_errors=True)
     shutil.rmtree(BASE / prefix, ignore_errors=True)
 
 
@@ -145,6 +148,7 @@ def sweep() -> list[str]:
     """Destroy beds left behind by runs whose owning process is gone (killed tests, crashed CI); return them."""
     seen = {m.group(1) for n in sh("ip", "netns", "list").stdout.split("\n") + _links() if (m := NAME.match(n))}
     seen |= {p.name for p in BASE.glob("nb????") if re.fullmatch(r"nb[0-9a-f]{4}", p.name)}
+    seen |= {m.group(1) for p in ETC.glob("nb????-*") if (m := NAME.match(p.name))}
     stale = sorted(p for p in seen if not _owner_alive(p))
     for prefix in stale:
         _destroy(prefix)
@@ -176,6 +180,11 @@ class Host:
         env.update(HOME=str(self.home), TMPDIR=str(self.tmp))
         env.update(extra or {})
         return env
+
+    def set_etc(self, name: str, text: str) -> None:
+        """This host's own /etc/<name> (its passwd, say), seen by every command started on it from now on."""
+        (ETC / self.ns).mkdir(parents=True, exist_ok=True)
+        (ETC / self.ns / name).write_text(text)
 
     def _argv(self, cmd) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *(["sh", "-c", cmd] if isinstance(cmd, str) else cmd)]

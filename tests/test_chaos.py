@@ -10,7 +10,6 @@ the hosts' logs of the last run stay in /tmp/chaos-logs.
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 import subprocess
 import time
@@ -23,8 +22,8 @@ import pytest
 from mlflow import MlflowClient
 
 import netbed
-from bed_cluster import BIN, BedCluster, wait_for
-from dcgan_dist.data import shards, sources
+from bed_cluster import BIN, BedCluster, expected_steps, keep_logs, wait_for
+from bed_cluster import overrides as bed_overrides
 
 pytestmark = pytest.mark.cluster
 
@@ -38,52 +37,18 @@ def cluster(tmp_path_factory):
     with netbed.Bed(["services", "head", "worker-1", "worker-2", "outsider"]) as bed:
         c = BedCluster(bed)
         c.start_services()
-        # The data, built on the laptop straight into the services host's S3 (README "Bring your own data").
-        import os
-
-        saved = os.environ.get("AWS_ENDPOINT_URL_S3")
-        os.environ["AWS_ENDPOINT_URL_S3"] = c.s3_url
-        try:
-            from dcgan_dist.data import s3
-
-            s3._clients.clear()
-            shards.build_shards(sources.Digits(), "s3://data/digits-32/", resolution=32, encoding="png",
-                                shard_size=500, workers=2, progress=False)
-        finally:
-            os.environ.pop("AWS_ENDPOINT_URL_S3") if saved is None else os.environ.__setitem__("AWS_ENDPOINT_URL_S3", saved)
-            s3._clients.clear()
         c.start_head()
         for w in c.workers:
             c.start_worker(w)
         c.wait_for_workers(2)
         try:
             yield c
-        finally:  # the hosts' logs (services: moto, MLflow; head and workers: Ray's) outlive the bed
-            shutil.rmtree(LOGS, ignore_errors=True)
-            for log in bed.dir.rglob("*"):
-                if log.suffix in (".log", ".out", ".err") and log.is_file() and "runtime_resources" not in log.parts:
-                    (LOGS / log.relative_to(bed.dir)).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(log, LOGS / log.relative_to(bed.dir))
+        finally:
+            keep_logs(bed, LOGS)
 
 
 def overrides(run_name: str, **extra) -> list[str]:
-    """README step 4's command, tiny: 2 workers on the 2 worker hosts (2 CPUs each), data and checkpoints in S3,
-    `tracking.uri=http://127.0.0.1:5000` exactly as the README says."""
-    values = {
-        "ray.address": "auto", "ray.num_workers": 2, "ray.cpus_per_worker": 2,
-        "data.url": "s3://data/digits-32/", "model.resolution": 32, "data.num_workers": 0, "data.shuffle_buffer": 200,
-        "ray.storage_path": "s3://ckpt/runs", "train.run_name": run_name, "train.steps": STEPS,
-        "tracking.uri": "http://127.0.0.1:5000",
-        "model.ngf": 8, "model.ndf": 8, "train.batch_size": 16, "train.log_every": LOG_EVERY,
-        "train.checkpoint_every": CKPT_EVERY, "train.sample_every": 8, "train.eval_every": 0,
-        "metrics.num_images": 64,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def expected_steps(steps: int, log_every: int, ckpt_every: int) -> list[int]:
-    return [s for s in range(1, steps + 1) if s % log_every == 0 or s % ckpt_every == 0]
+    return bed_overrides(run_name, STEPS, LOG_EVERY, CKPT_EVERY, **extra)
 
 
 def check_run(cluster: BedCluster, run_name: str, steps: int = STEPS, log_every: int = LOG_EVERY,

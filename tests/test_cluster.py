@@ -42,6 +42,23 @@ def test_cluster_yamls_pass_rays_schema_and_broken_copies_do_not(path):
     check_cluster_config(config)
 
 
+def test_the_onprem_yaml_runs_the_aws_commands_word_for_word_and_passes_rays_schema():
+    aws, onprem = (yaml.safe_load((REPO / p).read_text()) for p in ("ray_cluster.yaml", "cluster/onprem.yaml"))
+    for key in ("file_mounts", "rsync_exclude", "setup_commands", "head_start_ray_commands",
+                "worker_start_ray_commands"):
+        assert onprem[key] == aws[key], f"cluster/onprem.yaml's {key} differ from ray_cluster.yaml's: change both"
+    assert onprem["provider"]["type"] == "local" and "available_node_types" not in onprem
+    # No node types on your own machines: the head's start command itself keeps training off it.
+    assert "--num-cpus=0" in " ".join(onprem["head_start_ray_commands"])
+    filled = copy.deepcopy(onprem)
+    filled["provider"].update(head_ip="10.0.0.1", worker_ips=["10.0.0.2", "10.0.0.3"])
+    filled["auth"]["ssh_user"] = "gpu"
+    validate(filled)
+    del filled["provider"]["head_ip"]
+    with pytest.raises(Exception, match="head_ip"):  # the launcher's own refusal (a click error)
+        validate(filled)
+
+
 def test_the_aws_cluster_holds_no_credentials_and_turns_authentication_on():
     text = (REPO / "ray_cluster.yaml").read_text()
     config = yaml.safe_load(text)
