@@ -28,6 +28,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
+WORKERS = re.compile(r"\d+(-\d+)?")  # ray.num_workers: N or MIN-MAX
+
+
 def doc(text: str, default: Any) -> Any:
     """A dataclass field with its one-line doc attached (shown by `--help-config`)."""
     return field(default=default, metadata={"doc": text})
@@ -55,12 +58,14 @@ class DataConfig:
     max_sample_bytes: int = doc("largest tar member read; a bigger one ends its shard unread", 16 << 20)
     verify_sha256: bool = doc("hash each shard as it streams and check it against the manifest", False)
     max_stall_s: float = doc("stop with an error when no usable image came for this long (S3 down for good)", 60.0)
+    streams: int = doc("0 = each rank draws shards at random; N = N seeded virtual streams, so the images of each "
+                       "step are the same whatever the number of workers (elastic training; needs >= N shards)", 0)
 
 
 @dataclass
 class TrainConfig:
     steps: int = doc("total optimizer steps (each = one D update + one G update)", 500)
-    batch_size: int = doc("images per worker per step", 64)
+    batch_size: int = doc("images per worker per step (elastic: the global batch is this x the most workers)", 64)
     lr_g: float = doc("generator Adam learning rate", 2e-4)
     lr_d: float = doc("discriminator Adam learning rate", 2e-4)
     beta1: float = doc("Adam beta1 (the paper uses 0.5)", 0.5)
@@ -84,12 +89,15 @@ class TrainConfig:
     ema_decay: float = doc("generator weight EMA decay, evaluated and exported when on (0 = off; 0.999 typical)", 0.0)
     check_replicas: bool = doc("at every checkpoint, every rank hashes G and reports it (g_digests): equal hashes "
                                "prove DDP kept the replicas identical", False)
+    key_log: str = doc("folder where every rank writes the sample keys of each step (checks data order; needs "
+                       "data.streams; '' = off)", "")
 
 
 @dataclass
 class RayConfig:
     address: str = doc("Ray cluster: '' = start a local one, 'auto' = the one this job runs in, or ray://host:port", "")
-    num_workers: int = doc("training workers (DDP ranks)", 2)
+    num_workers: str = doc("training workers (DDP ranks): N, or MIN-MAX to train elastically on what is there", "2")
+    resize_check_s: float = doc("elastic: seconds between checks for room to grow the group back to MAX", 60.0)
     use_gpu: bool = doc("one GPU per worker and NCCL; False = CPU with gloo", False)
     cpus_per_worker: float = doc("CPUs reserved per worker", 1.0)
     storage_path: str = doc("where checkpoints go: a local folder, s3://bucket/prefix, or on a cluster without S3 "
@@ -98,6 +106,15 @@ class RayConfig:
     keep_checkpoints: int = doc("checkpoints kept per run (oldest deleted first)", 3)
     ddp_bucket_mb: int = doc("DDP gradient bucket size in MB (smaller buckets overlap allreduce with backward earlier)", 25)
     grad_compression: str = doc("DDP communication hook: none, bf16 or fp16 (gradients sent at half width)", "none")
+
+    @property
+    def min_workers(self) -> int:
+        return int(self.num_workers.partition("-")[0]) if WORKERS.fullmatch(self.num_workers) else 0
+
+    @property
+    def max_workers(self) -> int:
+        low, _, high = self.num_workers.partition("-")
+        return int(high or low) if WORKERS.fullmatch(self.num_workers) else 0
 
 
 @dataclass
@@ -331,7 +348,11 @@ def validate(cfg: Config) -> Config:
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(not t.sync_batchnorm or r.use_gpu, "train.sync_batchnorm",
            "needs ray.use_gpu=true (PyTorch's SyncBatchNorm runs on GPUs only; CPU ranks keep per-rank statistics)")
-    _check(r.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {r.num_workers}")
+    _check(bool(WORKERS.fullmatch(r.num_workers)) and 1 <= r.min_workers <= r.max_workers, "ray.num_workers",
+           f"must be N or MIN-MAX with 1 <= MIN <= MAX, got {r.num_workers!r}")
+    _check(r.resize_check_s > 0, "ray.resize_check_s", f"must be positive, got {r.resize_check_s}")
+    _check(d.streams >= 0, "data.streams", f"must be >= 0, got {d.streams}")
+    _check(not t.key_log or d.streams > 0, "train.key_log", "needs data.streams > 0 (the random draw has no order)")
     _check(r.ddp_bucket_mb >= 1, "ray.ddp_bucket_mb", f"must be >= 1, got {r.ddp_bucket_mb}")
     _check(r.grad_compression in ("none", "bf16", "fp16"), "ray.grad_compression",
            f"must be none, bf16 or fp16, got {r.grad_compression!r}")

@@ -112,7 +112,10 @@ class GANStep:
     def _step(self, opt: torch.optim.Optimizer) -> None:
         self.scaler.step(opt) if self.scaler else opt.step()
 
-    def __call__(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, real: torch.Tensor, weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """One D and one G update on this rank's batch. `weight` scales the gradients: a rank holding n of a global
+        batch of G images across W ranks passes n * W / G, so DDP's mean over ranks is the mean over all G images
+        when the ranks' batches differ in size (elastic training)."""
         n = real.shape[0]
         z = torch.randn(n, self.nz, device=real.device)
         with self._autocast(real.device):
@@ -129,11 +132,11 @@ class GANStep:
             with self._autocast(real.device):
                 logits_real = self.d(real).float()
             loss_real = bce_logits(logits_real, ones)
-            self._backward(loss_real)
+            self._backward(loss_real * weight)
         with self._autocast(real.device):
             logits_fake = self.d(fake.detach()).float()
         loss_fake = bce_logits(logits_fake, zeros)
-        self._backward(loss_fake)
+        self._backward(loss_fake * weight)
         self._step(self.opt_d)
         loss_d = loss_real.detach() + loss_fake.detach()
 
@@ -143,7 +146,7 @@ class GANStep:
             logits_g = unwrap(self.d)(fake).float()
         loss_g = bce_logits(logits_g, ones)
         self.opt_g.zero_grad(set_to_none=True)
-        self._backward(loss_g)
+        self._backward(loss_g * weight)
         self._step(self.opt_g)
         self._freeze_d(False)
         if self.scaler:

@@ -27,12 +27,13 @@ from torch import nn
 from dcgan_dist import checkpoint, tracking
 from dcgan_dist.config import Config, from_dict
 from dcgan_dist.data.loader import ShardSet, make_batches, to_model_input
+from dcgan_dist.data.streams import StreamBatches
 from dcgan_dist.ddp_hooks import AllreduceTimer
 from dcgan_dist.ema import GeneratorEMA, evaluated_generator
 from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
-from dcgan_dist.stopping import stop_requested
+from dcgan_dist.stopping import preemption_notice, stop_requested
 from dcgan_dist.torch_utils import gather, to_layout, unwrap
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class MetricWindow:
         if self.timer:
             self.timer.end_step()
 
-    def collect(self, batches, batch_size: int) -> dict[str, float]:
+    def collect(self, batches, global_batch: int) -> dict[str, float]:
         """Means over the window and the ranks (every rank must call this at the same step); starts a new window."""
         comm = self.timer.collect() if self.timer else {}
         counts = torch.tensor([batches.skipped, batches.retries], dtype=self.sums.dtype, device=self.device)
@@ -93,7 +94,7 @@ class MetricWindow:
         if self.world > 1:
             dist.all_reduce(stats)  # one collective: mean metrics and allreduce times, total counts
         metrics = dict(zip(METRICS + ("data_skipped", "data_retries") + tuple(comm), stats.tolist()))
-        metrics["images_per_s"] = self.steps * batch_size * self.world / (time.perf_counter() - self.started)
+        metrics["images_per_s"] = self.steps * global_batch / (time.perf_counter() - self.started)
         self.sums.zero_()
         self.steps, self.started = 0, time.perf_counter()
         return metrics
@@ -111,13 +112,14 @@ def _remove_stale_staging() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, cfg: Config, step: int, start: int, rank: int,
-                    metrics: dict, evaluation: dict | None, logger: tracking.RunLogger | None) -> None:
+def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Config, step: int, start: int,
+                    rank: int, metrics: dict, evaluation: dict | None, logger: tracking.RunLogger | None) -> None:
     """Report this step's metrics to Ray with rank 0's checkpoint. The checkpoint is staged in a folder that is
     removed once `ray.train.report` has copied it to storage: nothing accumulates in the node's /tmp."""
     extra = {"step": step, "start_step": start,
              "score": ((evaluation or {}).get("values") or {}).get(cfg.tune.metric, UNSCORED)}
     rngs = gather(checkpoint.rng_state())
+    positions = gather(getattr(batches, "positions", {}))  # data.streams: every stream's position, whoever hosts it
     if cfg.train.check_replicas:  # every rank hashes G: equal digests prove DDP kept the replicas identical
         extra["g_digests"] = gather(param_digest(step_fn.g))
     _remove_stale_staging()
@@ -126,6 +128,10 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, cfg: Config, ste
         if rank == 0:
             state = checkpoint.training_state(step_fn, step, rngs, cfg.to_dict(), ema.module if ema else None,
                                               evaluation)
+            state["world"] = len(rngs)  # a run resumed at another size says so (an MLflow tag)
+            if cfg.data.streams:
+                merged = {s: pos for part in positions for s, pos in part.items()}
+                state["data_positions"] = [merged[s] for s in range(cfg.data.streams)]
             checkpoint.save(state, staging)
             if logger:  # what MLflow does not have yet survives a rank 0 that dies holding it
                 tracking.write_held(logger.held(), staging)
@@ -133,6 +139,22 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, cfg: Config, ste
         # Ray Train's report blocks until its controller polls, so it is called only with checkpoints;
         # per-step metrics go to MLflow directly.
         ray.train.report({**metrics, **extra}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+def make_data(cfg: Config, shards: ShardSet, rank: int, world: int, start: int, resumed: dict | None):
+    """This rank's batches: its part of a global batch of train.batch_size x the most workers, so an elastic group
+    of any size takes the same optimisation step. With data.streams the images of each step are also the same set
+    at any size; without, each rank draws at random and the first (global batch mod world) ranks take one more."""
+    m, t = cfg.model, cfg.train
+    global_batch = t.batch_size * cfg.ray.max_workers
+    if cfg.data.streams:
+        return StreamBatches(shards, channels=m.nc, resolution=m.resolution, global_batch=global_batch, seed=t.seed,
+                             rank=rank, world=world, start_step=start,
+                             positions=(resumed or {}).get("data_positions"), limits=cfg.data)
+    share = global_batch // world + (rank < global_batch % world)
+    return make_batches(shards, channels=m.nc, resolution=m.resolution, batch_size=share, seed=t.seed, rank=rank,
+                        start_step=start, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                        limits=cfg.data)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -171,9 +193,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.manual_seed(t.seed * 1000 + rank * 7919 + start)
 
     shards = ShardSet(**loop_config["shards"])  # resolved once, by the driver
-    batches = make_batches(shards, channels=m.nc, resolution=m.resolution, batch_size=t.batch_size, seed=t.seed,
-                           rank=rank, start_step=start, num_workers=cfg.data.num_workers,
-                           shuffle_buffer=cfg.data.shuffle_buffer, limits=cfg.data)
+    batches = make_data(cfg, shards, rank, world, start, resumed)
     logger = None
     if rank == 0:  # the only rank that talks to MLflow, from whichever node it landed on
         uri = tracking.as_seen_from(cfg.tracking.uri, loop_config["driver_ip"], ray.util.get_node_ip_address())
@@ -182,6 +202,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.resend(tracking.read_held(own))
     if logger:
         logger.set_tags({"precision": step_fn.precision, "device": str(device)})  # what `auto` became, where
+        if resumed and resumed.get("world", world) != world:  # elastic: the group shrank or grew
+            log.info("resized: %d -> %d workers at step %d", resumed["world"], world, start)
+            logger.set_tags({f"dcgan.resize.step_{start:08d}": f"{resumed['world']} -> {world} workers"})
     evaluator = None
     if t.eval_every:  # the real side (read or cached) lives on rank 0; other ranks only generate
         evaluator = Evaluator(cfg.metrics, shards, channels=m.nc, resolution=m.resolution, device=device,
@@ -189,10 +212,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     z_grid = latents(GRID_SAMPLES, m.nz, t.seed).to(device)  # the same grid noise all run long: comparable grids
     window = MetricWindow(device, world, timer)
 
+    global_batch = t.batch_size * cfg.ray.max_workers
+    if t.key_log:
+        Path(t.key_log).mkdir(parents=True, exist_ok=True)
+    noticed = None  # the preemption notice already answered with a checkpoint
+
     # [2] the loop
     for step in range(start, t.steps + 1):
         (real,) = to_layout(t.channels_last, to_model_input(next(batches), device))
-        out = step_fn(real)
+        if t.key_log:
+            with open(Path(t.key_log) / f"rank{rank}-of-{world}-pid{os.getpid()}.txt", "a") as f:
+                f.writelines(f"{step} {key}\n" for key in batches.keys)
+        out = step_fn(real, weight=real.shape[0] * world / global_batch)
         if ema:
             ema.update(step_fn.g)
         window.add(out)
@@ -200,11 +231,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         is_last = step == t.steps
         eval_now = bool(evaluator) and (step % t.eval_every == 0 or is_last)
         stopping = step % t.log_every == 0 and stop_requested(loop_config["mlflow_run_id"], rank, world, device)
-        save_now = step % t.checkpoint_every == 0 or is_last or eval_now or stopping
+        notice = preemption_notice() if step % t.log_every == 0 else None
+        preempted = notice is not None and notice != noticed
+        if preempted:  # a node leaves soon: keep what was trained; Ray restarts without it when it goes
+            noticed = notice
+            log.warning("rank %d: node(s) %s to be preempted (deadline %s ms): checkpoint at step %d", rank,
+                        ", ".join(n[:8] for n in notice.preempted_node_ids), notice.deadline_ms, step)
+        save_now = step % t.checkpoint_every == 0 or is_last or eval_now or stopping or preempted
         sample_now = bool(logger) and ((t.sample_every and step % t.sample_every == 0) or is_last)
         shown = None  # the eval-mode generator, made once per step for the evaluation and the grid
         if step % t.log_every == 0 or save_now:
-            metrics, evaluation = window.collect(batches, t.batch_size), None
+            metrics, evaluation = window.collect(batches, global_batch), None
+            metrics["num_workers"] = world
             if eval_now:
                 t0 = time.perf_counter()
                 shown = evaluated_generator(step_fn.g, ema.module if ema else None, m.nz, cfg.metrics.seed)
@@ -220,7 +258,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          "  [checkpoint]" if save_now else "")
                 logger.add(step, metrics)
             if save_now:
-                save_checkpoint(step_fn, ema, cfg, step, start, rank, metrics, evaluation, logger)
+                save_checkpoint(step_fn, ema, batches, cfg, step, start, rank, metrics, evaluation, logger)
                 if logger:
                     logger.flush()  # the checkpoint is persisted: these steps will not be redone
         if sample_now:

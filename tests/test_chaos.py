@@ -9,6 +9,7 @@ the hosts' logs of the last run stay in /tmp/chaos-logs.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from mlflow import MlflowClient
 
 import netbed
-from bed_cluster import BIN, BedCluster, expected_steps, keep_logs, wait_for
+from bed_cluster import BIN, DIGITS, BedCluster, expected_steps, keep_logs, wait_for
 from bed_cluster import overrides as bed_overrides
 
 pytestmark = pytest.mark.cluster
@@ -246,6 +247,138 @@ def test_a_degraded_services_link_slows_training_but_loses_nothing(cluster):
     with cluster.mlflow_login():
         retries = max(m.value for m in client.get_metric_history(run.info.run_id, "data_retries"))
     print(f"degraded link: {len(during)} checkpoints during the 30 s, data_retries {retries:.0f}")
+
+
+def elastic(run_name: str, steps: int, cluster: BedCluster, **extra) -> list[str]:
+    """An elastic run: 1 to 2 workers, a global batch of 2 x 16 whatever the size, 4 seeded data streams, every
+    rank's sample keys in a folder of the bed (the hosts share its filesystem); a model big enough that the steps
+    outlast a host's loss and return."""
+    return overrides(run_name, **{"ray.num_workers": "1-2", "ray.resize_check_s": 10, "data.streams": 4,
+                                  "train.key_log": str(cluster.bed.dir / f"keys-{run_name}"), "train.steps": steps,
+                                  "model.ngf": 32, "model.ndf": 32, "train.sample_every": steps, **extra})
+
+
+def keys_by_step(folder: Path) -> dict[int, dict[str, list[str]]]:
+    """{step: {key file: the keys that rank took}}; a file is one rank of one group (rank<r>-of-<size>-pid<pid>)."""
+    taken: dict[int, dict[str, list[str]]] = {}
+    for f in folder.glob("rank*-of-*-pid*.txt"):
+        for line in f.read_text().splitlines():
+            step, key = line.split()
+            taken.setdefault(int(step), {}).setdefault(f.name, []).append(key)
+    return taken
+
+
+def expected_keys(cluster: BedCluster, steps: int) -> dict[int, list[str]]:
+    """The keys of each global step as one reader of all 4 streams takes them: what any group size must take."""
+    from dcgan_dist.config import DataConfig
+    from dcgan_dist.data import s3
+    from dcgan_dist.data.loader import resolve_shards
+    from dcgan_dist.data.streams import StreamBatches
+
+    saved = os.environ.get("AWS_ENDPOINT_URL_S3")
+    os.environ["AWS_ENDPOINT_URL_S3"] = cluster.s3_url
+    s3._clients.clear()
+    try:
+        reader = StreamBatches(resolve_shards(DIGITS), channels=1, resolution=32, global_batch=32, seed=0, rank=0,
+                               world=1, start_step=1, positions=None, limits=DataConfig(streams=4))
+        out = {}
+        for step in range(1, steps + 1):
+            next(reader)
+            out[step] = sorted(reader.keys)
+        reader.close()
+        return out
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL_S3") if saved is None else os.environ.__setitem__("AWS_ENDPOINT_URL_S3", saved)
+        s3._clients.clear()
+
+
+def group_sizes(cluster: BedCluster, run_name: str) -> list[int]:
+    """The `num_workers` metric in MLflow by step, runs of equal values merged: [2, 1, 2] for a shrink and regrowth."""
+    with cluster.mlflow_login():
+        client = MlflowClient(cluster.mlflow_url)
+        run = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id],
+                                 f"tags.`dcgan.run_name` = '{run_name}'")[0]
+        history = sorted((m.step, int(m.value)) for m in client.get_metric_history(run.info.run_id, "num_workers"))
+        tags = {k: v for k, v in run.data.tags.items() if k.startswith("dcgan.resize.")}
+    sizes = [v for i, (_, v) in enumerate(history) if i == 0 or history[i - 1][1] != v]
+    return sizes, tags
+
+
+def test_elastic_a_lost_host_shrinks_the_group_its_return_grows_it_and_each_step_sees_the_same_images(cluster):
+    """ray.num_workers=1-2: worker-2's host is killed after the first checkpoint and training goes on with one
+    worker from that checkpoint; the host comes back and the group grows to two at the next resize check. Every
+    global step took the same images as one reader of the 4 streams takes (so: whatever the group size, and across
+    both resumes), MLflow has every step once and num_workers 2, 1, 2."""
+    steps, every, name = 240, 10, "elastic"
+    proc = cluster.submit(elastic(name, steps, cluster, **{"train.log_every": every, "train.checkpoint_every": every}),
+                          wait=False)
+    folder = cluster.bed.dir / f"keys-{name}"
+    wait_for_checkpoint(cluster, name, every)
+    victim = cluster.workers[1]
+    victim.kill()
+    lost = time.time()
+    wait_for(lambda: list(folder.glob("rank0-of-1-*.txt")), 120, "a step of the group of one", pause=0.2)
+    shrunk_s = time.time() - lost
+    before = set(folder.glob("rank*-of-2-*.txt"))
+    cluster.start_worker(victim)
+    back = time.time()
+    wait_for(lambda: set(folder.glob("rank*-of-2-*.txt")) - before, 120, "a step of the regrown group", pause=0.2)
+    grown_s = time.time() - back
+    out = finish(proc)
+    assert proc.returncode == 0, out[-6000:]
+    print(f"elastic: the group of one took its first step {shrunk_s:.0f} s after the host was lost; "
+          f"the group of two, {grown_s:.0f} s after it was back")
+    check_run(cluster, name, steps, every, every)
+    sizes, tags = group_sizes(cluster, name)
+    assert sizes == [2, 1, 2], sizes
+    assert sorted(tags.values()) == ["1 -> 2 workers", "2 -> 1 workers"], tags
+    # Every rank of every group took, at each step, its share of that step's images and nothing else; together
+    # they took all of them. The group of one took whole steps alone, so its steps are the reference's exactly.
+    taken, expected = keys_by_step(folder), expected_keys(cluster, steps)
+    assert set(taken) == set(expected)
+    for step, by_file in taken.items():
+        for file, keys in by_file.items():
+            size = int(re.match(r"rank\d+-of-(\d+)-", file).group(1))
+            assert len(keys) == 32 // size and set(keys) <= set(expected[step]), (step, file, keys)
+        assert sorted({k for keys in by_file.values() for k in keys}) == sorted(set(expected[step])), step
+    assert any("-of-1-" in f for by_file in taken.values() for f in by_file)
+
+
+def test_a_preemption_notice_checkpoints_before_the_deadline_and_nothing_after_it_is_lost(cluster):
+    """worker-2's node is drained for preemption with a 20 s deadline (how a spot instance's notice reaches Ray):
+    the group checkpoints at once, between its periodic checkpoints, before the deadline; the host dies after
+    the deadline and training resumes on one worker from that checkpoint."""
+    steps, name = 240, "preempted"
+    proc = cluster.submit(elastic(name, steps, cluster, **{"train.log_every": 5, "train.checkpoint_every": 100}),
+                          wait=False)
+    folder = cluster.bed.dir / f"keys-{name}"
+    wait_for(lambda: sum(1 for f in folder.glob("rank0-of-2-*.txt") for _ in f.open()) >= 16 * 12, 120,
+             "12 steps of the group of two", pause=0.2)
+    victim = cluster.workers[1]
+    node = next(n["node_id"] for n in cluster.api("/api/v0/nodes?limit=100")["data"]["result"]["result"]
+                if n["node_ip"] == victim.ip and n["state"] == "ALIVE")
+    deadline_s = 20
+    drain = cluster.head.run(
+        [str(BIN / "ray"), "drain-node", f"--address={cluster.head.ip}:6379", f"--node-id={node}",
+         "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot instance reclaimed",
+         f"--deadline-remaining-seconds={deadline_s}"], env={"RAY_AUTH_MODE": "token"}, timeout=60)
+    deadline = time.time() + deadline_s
+    assert drain.returncode == 0, drain.stdout + drain.stderr[-3000:]
+    wait_for(lambda: checkpoints(cluster, name) - {100, 200}, deadline_s, "a checkpoint before the deadline",
+             pause=0.2)
+    saved = min(checkpoints(cluster, name) - {100, 200})
+    assert time.time() < deadline
+    time.sleep(max(0.0, deadline - time.time()))
+    victim.kill()
+    out = finish(proc)
+    assert proc.returncode == 0, out[-6000:]
+    cluster.start_worker(victim)
+    check_run(cluster, name, steps, 5, 100)
+    _, tags = group_sizes(cluster, name)
+    # The group of one started right after the notice's checkpoint: no step after it was lost.
+    assert tags.get(f"dcgan.resize.step_{saved + 1:08d}") == "2 -> 1 workers", (saved, tags)
+    print(f"preemption: checkpoint of step {saved} saved, resumed at step {saved + 1} on one worker")
+    cluster.wait_for_workers(2)
 
 
 def test_the_head_lost_a_resubmit_on_a_new_head_resumes_into_the_same_run(cluster):

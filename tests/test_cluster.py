@@ -67,6 +67,10 @@ def test_the_aws_cluster_holds_no_credentials_and_turns_authentication_on():
     assert config["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
     types = config["available_node_types"]
     assert {types[t]["node_config"]["InstanceType"].split(".")[0] for t in types} >= {"g6", "p4d"}
+    spot = [t for t in types.values() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    assert spot and all(any("spot_notice.py" in c for c in t["worker_setup_commands"]) for t in spot)
+    # A node type's own setup commands replace the shared ones: the project must still be installed there.
+    assert all(set(config["setup_commands"]) <= set(t["worker_setup_commands"]) for t in spot)
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start and "start_mlflow.sh" in start
     assert "MLFLOW_AUTH=basic" in start  # MLflow listens on the cluster network, so never without a login

@@ -100,3 +100,13 @@ def test_metric_and_search_settings_are_checked():
     with pytest.raises(ConfigError, match="train.ema_decay"):
         load_config(overrides=["train.ema_decay=1.0"])
     assert load_config(overrides=["tune.metric=kid", "metrics.inception_weights=w.pth"]).tune.metric == "kid"
+
+
+def test_num_workers_is_a_count_or_an_elastic_range():
+    fixed, elastic = load_config(overrides=["ray.num_workers=4"]).ray, load_config(overrides=["ray.num_workers=2-8"]).ray
+    assert (fixed.min_workers, fixed.max_workers) == (4, 4) and (elastic.min_workers, elastic.max_workers) == (2, 8)
+    for bad in ("0", "3-1", "two", "2-", "1.5"):
+        with pytest.raises(ConfigError, match="ray.num_workers: must be N or MIN-MAX"):
+            load_config(overrides=[f"ray.num_workers={bad}"])
+    with pytest.raises(ConfigError, match="train.key_log: needs data.streams > 0"):
+        load_config(overrides=["train.key_log=/tmp/keys"])

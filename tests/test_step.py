@@ -246,3 +246,23 @@ def test_auto_precision_follows_the_hardware():
     assert resolve_precision("auto", cpu) == ("bf16" if hardware else "fp32")
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
     assert load_config().train.precision == "auto"
+
+
+def test_weight_scales_every_gradient_of_the_step():
+    """Elastic ranks with uneven shares pass weight = share x ranks / global batch: with plain SGD, D's update at
+    weight 0.5 is half its update at weight 1, and at weight 0 neither network moves."""
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    moved = {}
+    for weight in (1.0, 0.5, 0.0):
+        cfg, g, d = tiny()
+        g0, d0 = copy.deepcopy(g.state_dict()), copy.deepcopy(d.state_dict())
+        step = GANStep(g, d, torch.optim.SGD(g.parameters(), lr=0.1), torch.optim.SGD(d.parameters(), lr=0.1),
+                       cfg.model.nz)
+        torch.manual_seed(7)
+        step(real, weight=weight)
+        moved[weight] = ({k: d.state_dict()[k] - d0[k] for k, _ in d.named_parameters()},
+                         max((g.state_dict()[k] - g0[k]).abs().max().item() for k, _ in g.named_parameters()))
+    for k, full in moved[1.0][0].items():
+        torch.testing.assert_close(moved[0.5][0][k], 0.5 * full, rtol=1e-4, atol=1e-7)
+    assert moved[1.0][1] > 0 and moved[0.0][1] == 0
+    assert all(v.abs().max() == 0 for v in moved[0.0][0].values())

@@ -155,6 +155,13 @@ def _warn(what) -> bool:
     return True
 
 
+def skip_budget_exceeded(skipped: int, good: int, fraction: float, what) -> bool:
+    """Log one of the first skips; True once `skipped` is over data.max_skip_fraction of all (after SKIP_FLOOR)."""
+    if skipped <= 10:
+        log.warning("data: skipping %s", what)
+    return skipped > max(SKIP_FLOOR, fraction * (skipped + good))
+
+
 class HashingReader:
     """A stream that hashes what is read through it: a shard's sha256 without reading it twice."""
 
@@ -315,10 +322,8 @@ class ShardStream(IterableDataset):
     def _skip(self, what) -> bool:
         self.skipped += 1
         self.last_skip = str(what)
-        if self.skipped <= 10:
-            log.warning("data: skipping %s", what)
         fraction = self.limits.max_skip_fraction
-        if self.skipped > max(SKIP_FLOOR, fraction * (self.skipped + self.good)):
+        if skip_budget_exceeded(self.skipped, self.good, fraction, what):
             raise DataError(f"{self.skipped} of {self.skipped + self.good} samples unreadable, over "
                             f"data.max_skip_fraction={fraction:g}; the last: {what}")
         return True  # as a webdataset handler: go on with the next sample

@@ -40,7 +40,7 @@ def log_sample_grid(cfg: Config, run_id: str, generator: torch.nn.Module, step: 
 def card_markdown(cfg: Config, run_id: str, state: dict, data: dict, grid: str, run_link: str) -> str:
     """The card's text. `data`: url, sha256, images (count) and resolution of the training data."""
     scored = state.get("evaluation") or {}
-    global_batch = cfg.train.batch_size * cfg.ray.num_workers
+    global_batch = cfg.train.batch_size * cfg.ray.max_workers
     lines = [
         f"# DCGAN generator, step {state['step']}",
         "",
@@ -55,7 +55,7 @@ def card_markdown(cfg: Config, run_id: str, state: dict, data: dict, grid: str, 
         "",
         "## Training",
         f"- steps: {state['step']}, images seen: {state['step'] * global_batch:,} "
-        f"(global batch {global_batch} = {cfg.train.batch_size} x {cfg.ray.num_workers} workers)",
+        f"(global batch {global_batch} = {cfg.train.batch_size} x {cfg.ray.max_workers} workers)",
         f"- run: `{run_id}` ({run_link})",
         "- settings that differ from the defaults:",
         *([f"  - `{k}` = `{redact(v)}`" for k, v in sorted(changed_settings(cfg).items())] or ["  - none"]),

@@ -1,0 +1,78 @@
+"""On an AWS spot node: pass the two-minute interruption notice on to Ray as a node drain for preemption.
+
+AWS posts the notice in the instance metadata (spot/instance-action, about two minutes before it reclaims the
+instance); Ray learns of a preemption only through a drain with that reason and a deadline. Ray Train then tells
+the workers (ray.train.get_preemption_info), dcgan-dist saves a checkpoint at once, and the elastic group goes on
+without this node. The spot node type's setup commands start this in the background (ray_cluster.yaml); off EC2
+it finds no metadata service and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timezone
+
+IMDS = os.environ.get("DCGAN_IMDS_URL", "http://169.254.169.254")  # tests point it at their own server
+POLL_S = 5
+TOKEN_REFRESH_S = 3600  # tokens are asked for 6 h; a node lives longer
+
+
+def _get(path: str, token: str) -> tuple[int, str]:
+    request = urllib.request.Request(f"{IMDS}{path}", headers={"X-aws-ec2-metadata-token": token})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+def imds_token() -> str:
+    """An IMDSv2 session token (the metadata service refuses tokenless reads on current instances)."""
+    request = urllib.request.Request(f"{IMDS}/latest/api/token", method="PUT",
+                                     headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+    with urllib.request.urlopen(request, timeout=2) as r:
+        return r.read().decode()
+
+
+def seconds_left(token: str, now: datetime | None = None) -> int | None:
+    """Seconds until AWS takes the instance back, or None while there is no notice (404)."""
+    status, body = _get("/latest/meta-data/spot/instance-action", token)
+    if status != 200:
+        return None
+    when = datetime.strptime(json.loads(body)["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return max(1, int((when - (now or datetime.now(timezone.utc))).total_seconds()))
+
+
+def drain_command(seconds: int) -> list[str]:
+    """`ray drain-node` of this node, for preemption, with the notice's deadline."""
+    return ["ray", "drain-node", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message=AWS spot interruption notice", f"--deadline-remaining-seconds={seconds}"]
+
+
+def main() -> int:
+    try:
+        token = imds_token()
+    except OSError as e:
+        print(f"no EC2 instance metadata ({e}): not a spot instance, nothing to watch")
+        return 0
+    fetched, left = time.monotonic(), None
+    while left is None:
+        time.sleep(POLL_S)
+        try:
+            if time.monotonic() - fetched > TOKEN_REFRESH_S:
+                token, fetched = imds_token(), time.monotonic()
+            left = seconds_left(token)
+        except OSError as e:  # a metadata hiccup: ask again
+            print(f"instance metadata: {e}", flush=True)
+    print(f"spot interruption notice: the instance goes in {left} s; draining this Ray node", flush=True)
+    return subprocess.run(drain_command(left), check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
