@@ -29,6 +29,7 @@ from pathlib import Path
 from netbed import Host
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
 SSHD = Path("/usr/sbin/sshd")
 PIP_CONF = "[global]\nno-index = true\n\n[install]\n# pip's inverted switch: false = build without isolation\nno-build-isolation = false\n"
 
@@ -91,10 +92,16 @@ def start_sshd(host: Host) -> None:
         "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
         "AuthorizedKeysFile .ssh/authorized_keys", "MaxStartups 100", "MaxSessions 100", ""]))
     Path("/run/sshd").mkdir(exist_ok=True)  # its privilege-separation directory (systemd makes it on a real host)
-    # The host's own /tmp, with the bed's folder (homes, logs) still at its path inside it.
-    bed_dir, tmp = host.bed.dir, host.tmp
-    (tmp / bed_dir.name).mkdir()
-    private_tmp = f"mount --bind {bed_dir} {tmp / bed_dir.name} && mount --rbind {tmp} /tmp"
+    # The host's own /tmp, with what must stay in sight at its path inside it: the bed's folder (homes, logs), and
+    # the checkout and Python the hosts run, when they live under /tmp (a CI clone, a worktree).
+    keep = {Path("/tmp", p.relative_to("/tmp").parts[0]) for p in (host.bed.dir, REPO, Path(sys.prefix).resolve(),
+                                                                   Path(sys.base_prefix).resolve())
+            if p.is_relative_to("/tmp")}
+    binds = []
+    for folder in sorted(keep):
+        (host.tmp / folder.name).mkdir()
+        binds.append(f"mount --bind {folder} {host.tmp / folder.name}")
+    private_tmp = " && ".join([*binds, f"mount --rbind {host.tmp} /tmp"])
     # PID 1 of the namespace reaps what it adopts, as init does: a daemon whose parent died (Ray's agents, when the
     # raylet leaves) sees its parent go only once that parent is reaped.
     init = "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:])\nwhile os.wait()[0] != p.pid: pass"
