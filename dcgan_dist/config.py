@@ -98,6 +98,8 @@ class RayConfig:
     address: str = doc("Ray cluster: '' = start a local one, 'auto' = the one this job runs in, or ray://host:port", "")
     num_workers: str = doc("training workers (DDP ranks): N, or MIN-MAX to train elastically on what is there", "2")
     resize_check_s: float = doc("elastic: seconds between checks for room to grow the group back to MAX", 60.0)
+    start_timeout_s: float = doc("how long a worker group may take to start before Ray Train tries again (elastic: "
+                                 "with fewer workers, once a lost node is known dead)", 60.0)
     use_gpu: bool = doc("one GPU per worker and NCCL; False = CPU with gloo", False)
     cpus_per_worker: float = doc("CPUs reserved per worker", 1.0)
     storage_path: str = doc("where checkpoints go: a local folder, s3://bucket/prefix, or on a cluster without S3 "
@@ -351,6 +353,7 @@ def validate(cfg: Config) -> Config:
     _check(bool(WORKERS.fullmatch(r.num_workers)) and 1 <= r.min_workers <= r.max_workers, "ray.num_workers",
            f"must be N or MIN-MAX with 1 <= MIN <= MAX, got {r.num_workers!r}")
     _check(r.resize_check_s > 0, "ray.resize_check_s", f"must be positive, got {r.resize_check_s}")
+    _check(r.start_timeout_s > 0, "ray.start_timeout_s", f"must be positive, got {r.start_timeout_s}")
     _check(d.streams >= 0, "data.streams", f"must be >= 0, got {d.streams}")
     _check(not t.key_log or d.streams > 0, "train.key_log", "needs data.streams > 0 (the random draw has no order)")
     _check(r.ddp_bucket_mb >= 1, "ray.ddp_bucket_mb", f"must be >= 1, got {r.ddp_bucket_mb}")
