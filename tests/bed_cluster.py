@@ -70,20 +70,29 @@ def start_s3(host: Host) -> str:
     wait_for(lambda: urllib.request.urlopen(f"{url}/moto-api/", timeout=1), 30, f"moto on {host.name}")
     import boto3
 
-    from dcgan_dist.data import s3, shards, sources
+    from dcgan_dist.data import shards, sources
 
     for bucket in ("data", "ckpt", "mlflow"):
         boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
-    saved = os.environ.get("AWS_ENDPOINT_URL_S3")
-    os.environ["AWS_ENDPOINT_URL_S3"] = url
-    try:
-        s3._clients.clear()
+    with s3_endpoint(url):
         shards.build_shards(sources.Digits(), DIGITS, resolution=32, encoding="png", shard_size=500, workers=2,
                             progress=False)
+    return url
+
+
+@contextlib.contextmanager
+def s3_endpoint(url: str):
+    """The laptop's S3 calls (ours, through dcgan_dist.data.s3) go to `url` while inside."""
+    from dcgan_dist.data import s3
+
+    saved = os.environ.get("AWS_ENDPOINT_URL_S3")
+    os.environ["AWS_ENDPOINT_URL_S3"] = url
+    s3._clients.clear()
+    try:
+        yield
     finally:
         os.environ.pop("AWS_ENDPOINT_URL_S3") if saved is None else os.environ.__setitem__("AWS_ENDPOINT_URL_S3", saved)
         s3._clients.clear()
-    return url
 
 
 def overrides(run_name: str, steps: int, log_every: int, ckpt_every: int, **extra) -> list[str]:

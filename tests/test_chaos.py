@@ -9,7 +9,6 @@ the hosts' logs of the last run stay in /tmp/chaos-logs.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 from mlflow import MlflowClient
 
 import netbed
-from bed_cluster import BIN, DIGITS, BedCluster, expected_steps, keep_logs, wait_for
+from bed_cluster import BIN, DIGITS, BedCluster, expected_steps, keep_logs, s3_endpoint, wait_for
 from bed_cluster import overrides as bed_overrides
 
 pytestmark = pytest.mark.cluster
@@ -272,14 +271,10 @@ def keys_by_step(folder: Path) -> dict[int, dict[str, list[str]]]:
 def expected_keys(cluster: BedCluster, steps: int) -> dict[int, list[str]]:
     """The keys of each global step as one reader of all 4 streams takes them: what any group size must take."""
     from dcgan_dist.config import DataConfig
-    from dcgan_dist.data import s3
     from dcgan_dist.data.loader import resolve_shards
     from dcgan_dist.data.streams import StreamBatches
 
-    saved = os.environ.get("AWS_ENDPOINT_URL_S3")
-    os.environ["AWS_ENDPOINT_URL_S3"] = cluster.s3_url
-    s3._clients.clear()
-    try:
+    with s3_endpoint(cluster.s3_url):
         reader = StreamBatches(resolve_shards(DIGITS), channels=1, resolution=32, global_batch=32, seed=0, rank=0,
                                world=1, start_step=1, positions=None, limits=DataConfig(streams=4))
         out = {}
@@ -287,10 +282,7 @@ def expected_keys(cluster: BedCluster, steps: int) -> dict[int, list[str]]:
             next(reader)
             out[step] = sorted(reader.keys)
         reader.close()
-        return out
-    finally:
-        os.environ.pop("AWS_ENDPOINT_URL_S3") if saved is None else os.environ.__setitem__("AWS_ENDPOINT_URL_S3", saved)
-        s3._clients.clear()
+    return out
 
 
 def group_sizes(cluster: BedCluster, run_name: str) -> tuple[list[int], dict[str, str]]:
