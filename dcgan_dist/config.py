@@ -110,13 +110,16 @@ class RayConfig:
     grad_compression: str = doc("DDP communication hook: none, bf16 or fp16 (gradients sent at half width)", "none")
 
     @property
-    def min_workers(self) -> int:
-        return int(self.num_workers.partition("-")[0]) if WORKERS.fullmatch(self.num_workers) else 0
+    def worker_range(self) -> tuple[int, int]:
+        """(MIN, MAX) of ray.num_workers (N is N-N); (0, 0) when malformed, which validate() refuses by name."""
+        if not WORKERS.fullmatch(self.num_workers):
+            return 0, 0
+        low, _, high = self.num_workers.partition("-")
+        return int(low), int(high or low)
 
     @property
     def max_workers(self) -> int:
-        low, _, high = self.num_workers.partition("-")
-        return int(high or low) if WORKERS.fullmatch(self.num_workers) else 0
+        return self.worker_range[1]
 
 
 @dataclass
@@ -160,6 +163,11 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all ranks: train.batch_size x the most workers, at any group size."""
+        return self.train.batch_size * self.ray.max_workers
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -350,7 +358,8 @@ def validate(cfg: Config) -> Config:
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(not t.sync_batchnorm or r.use_gpu, "train.sync_batchnorm",
            "needs ray.use_gpu=true (PyTorch's SyncBatchNorm runs on GPUs only; CPU ranks keep per-rank statistics)")
-    _check(bool(WORKERS.fullmatch(r.num_workers)) and 1 <= r.min_workers <= r.max_workers, "ray.num_workers",
+    low, high = r.worker_range
+    _check(1 <= low <= high, "ray.num_workers",
            f"must be N or MIN-MAX with 1 <= MIN <= MAX, got {r.num_workers!r}")
     _check(r.resize_check_s > 0, "ray.resize_check_s", f"must be positive, got {r.resize_check_s}")
     _check(r.start_timeout_s > 0, "ray.start_timeout_s", f"must be positive, got {r.start_timeout_s}")

@@ -5,10 +5,6 @@ step and broadcasts it, so all ranks agree on the step; they save a checkpoint t
 driver then ends the MLflow run as KILLED. If the workers have not finished within `train.stop_timeout_s` (or a
 second SIGTERM comes), the driver stops waiting. `ray job stop` waits only RAY_JOB_STOP_WAIT_TIME_S (3 s by
 default) before SIGKILL: set it in the job's runtime_env env_vars to give the workers time (README).
-
-A preemption notice (a node being drained with a deadline: how a spot instance's two minutes reach Ray) is the
-other way to be told to go: the workers checkpoint at once and train on; Ray Train restarts the group without that
-node when it leaves, from that checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ import signal
 import threading
 from typing import Iterator
 
-import ray.train
 import torch
 import torch.distributed as dist
 from ray.experimental import internal_kv
@@ -42,13 +37,6 @@ def stop_requested(run_id: str, rank: int, world: int, device) -> bool:
     if world > 1:
         dist.broadcast(flag, 0)
     return bool(flag.item())
-
-
-def preemption_notice():
-    """Ray's notice that a node of this group is being drained for preemption (a spot instance's two minutes), as
-    ray.train.get_preemption_info gives it: a PreemptionInfo, or None. Every rank calls it at the same step (a
-    barrier)."""
-    return ray.train.get_preemption_info()
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from dcgan_dist.ema import GeneratorEMA, evaluated_generator
 from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
-from dcgan_dist.stopping import preemption_notice, stop_requested
+from dcgan_dist.stopping import stop_requested
 from dcgan_dist.torch_utils import gather, to_layout, unwrap
 
 log = logging.getLogger(__name__)
@@ -118,17 +118,16 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
     removed once `ray.train.report` has copied it to storage: nothing accumulates in the node's /tmp."""
     extra = {"step": step, "start_step": start,
              "score": ((evaluation or {}).get("values") or {}).get(cfg.tune.metric, UNSCORED)}
-    rngs = gather(checkpoint.rng_state())
-    positions = gather(getattr(batches, "positions", {}))  # data.streams: every stream's position, whoever hosts it
+    # One collective: every rank's RNG state and, with data.streams, the positions of the streams it hosts.
+    rngs, positions = zip(*gather((checkpoint.rng_state(), getattr(batches, "positions", {}))))
     if cfg.train.check_replicas:  # every rank hashes G: equal digests prove DDP kept the replicas identical
         extra["g_digests"] = gather(param_digest(step_fn.g))
     _remove_stale_staging()
     with tempfile.TemporaryDirectory(prefix=f"{STAGING}{os.getpid()}-") as staging:
         ckpt = None
         if rank == 0:
-            state = checkpoint.training_state(step_fn, step, rngs, cfg.to_dict(), ema.module if ema else None,
+            state = checkpoint.training_state(step_fn, step, list(rngs), cfg.to_dict(), ema.module if ema else None,
                                               evaluation)
-            state["world"] = len(rngs)  # a run resumed at another size says so (an MLflow tag)
             if cfg.data.streams:
                 merged = {s: pos for part in positions for s, pos in part.items()}
                 state["data_positions"] = [merged[s] for s in range(cfg.data.streams)]
@@ -145,8 +144,7 @@ def make_data(cfg: Config, shards: ShardSet, rank: int, world: int, start: int, 
     """This rank's batches: its part of a global batch of train.batch_size x the most workers, so an elastic group
     of any size takes the same optimisation step. With data.streams the images of each step are also the same set
     at any size; without, each rank draws at random and the first (global batch mod world) ranks take one more."""
-    m, t = cfg.model, cfg.train
-    global_batch = t.batch_size * cfg.ray.max_workers
+    m, t, global_batch = cfg.model, cfg.train, cfg.global_batch
     if cfg.data.streams:
         return StreamBatches(shards, channels=m.nc, resolution=m.resolution, global_batch=global_batch, seed=t.seed,
                              rank=rank, world=world, start_step=start,
@@ -202,9 +200,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.resend(tracking.read_held(own))
     if logger:
         logger.set_tags({"precision": step_fn.precision, "device": str(device)})  # what `auto` became, where
-        if resumed and resumed.get("world", world) != world:  # elastic: the group shrank or grew
-            log.info("resized: %d -> %d workers at step %d", resumed["world"], world, start)
-            logger.set_tags({f"dcgan.resize.step_{start:08d}": f"{resumed['world']} -> {world} workers"})
+        if resumed and len(resumed["rng"]) != world:  # elastic: the group shrank or grew (one RNG state a rank)
+            log.info("resized: %d -> %d workers at step %d", len(resumed["rng"]), world, start)
+            logger.set_tags({f"dcgan.resize.step_{start:08d}": f"{len(resumed['rng'])} -> {world} workers"})
     evaluator = None
     if t.eval_every:  # the real side (read or cached) lives on rank 0; other ranks only generate
         evaluator = Evaluator(cfg.metrics, shards, channels=m.nc, resolution=m.resolution, device=device,
@@ -212,18 +210,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     z_grid = latents(GRID_SAMPLES, m.nz, t.seed).to(device)  # the same grid noise all run long: comparable grids
     window = MetricWindow(device, world, timer)
 
-    global_batch = t.batch_size * cfg.ray.max_workers
-    if t.key_log:
+    key_log = None
+    if t.key_log:  # line-buffered: what a killed rank took is on disk
         Path(t.key_log).mkdir(parents=True, exist_ok=True)
+        key_log = open(Path(t.key_log) / f"rank{rank}-of-{world}-pid{os.getpid()}.txt", "a", buffering=1)
     noticed = None  # the preemption notice already answered with a checkpoint
 
     # [2] the loop
     for step in range(start, t.steps + 1):
         (real,) = to_layout(t.channels_last, to_model_input(next(batches), device))
-        if t.key_log:
-            with open(Path(t.key_log) / f"rank{rank}-of-{world}-pid{os.getpid()}.txt", "a") as f:
-                f.writelines(f"{step} {key}\n" for key in batches.keys)
-        out = step_fn(real, weight=real.shape[0] * world / global_batch)
+        if key_log:
+            key_log.write("".join(f"{step} {key}\n" for key in batches.keys))
+        out = step_fn(real, weight=real.shape[0] * world / cfg.global_batch)
         if ema:
             ema.update(step_fn.g)
         window.add(out)
@@ -231,9 +229,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         is_last = step == t.steps
         eval_now = bool(evaluator) and (step % t.eval_every == 0 or is_last)
         stopping = step % t.log_every == 0 and stop_requested(loop_config["mlflow_run_id"], rank, world, device)
-        notice = preemption_notice() if step % t.log_every == 0 else None
+        # A node being drained for preemption (how a spot instance's notice reaches Ray; a barrier of all ranks):
+        # keep what was trained now; Ray Train restarts the group without that node when it goes.
+        notice = ray.train.get_preemption_info() if step % t.log_every == 0 else None
         preempted = notice is not None and notice != noticed
-        if preempted:  # a node leaves soon: keep what was trained; Ray restarts without it when it goes
+        if preempted:
             noticed = notice
             log.warning("rank %d: node(s) %s to be preempted (deadline %s ms): checkpoint at step %d", rank,
                         ", ".join(n[:8] for n in notice.preempted_node_ids), notice.deadline_ms, step)
@@ -241,7 +241,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         sample_now = bool(logger) and ((t.sample_every and step % t.sample_every == 0) or is_last)
         shown = None  # the eval-mode generator, made once per step for the evaluation and the grid
         if step % t.log_every == 0 or save_now:
-            metrics, evaluation = window.collect(batches, global_batch), None
+            metrics, evaluation = window.collect(batches, cfg.global_batch), None
             metrics["num_workers"] = world
             if eval_now:
                 t0 = time.perf_counter()
@@ -271,5 +271,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if stopping:
             log.info("rank %d: stop requested; checkpoint of step %d saved, leaving", rank, step)
             break
+    if key_log:
+        key_log.close()
     if logger:
         logger.close()  # waits (bounded) for metrics held while MLflow was unreachable

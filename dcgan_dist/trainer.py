@@ -140,7 +140,7 @@ def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
                            "driver_ip": ray.util.get_node_ip_address()},  # where a loopback tracking URI points
         scaling_config=ray.train.ScalingConfig(
             # MIN-MAX: Ray Train restarts on what is left (>= MIN) after a loss and grows back at a resize check
-            num_workers=r.max_workers if r.min_workers == r.max_workers else (r.min_workers, r.max_workers),
+            num_workers=r.max_workers if r.worker_range[0] == r.max_workers else r.worker_range,
             elastic_resize_monitor_interval_s=r.resize_check_s,
             use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
         ),

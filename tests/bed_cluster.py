@@ -62,6 +62,15 @@ def start_commands(kind: str, host: Host, head_ip: str) -> list[str]:
     return commands
 
 
+def write_secrets(home: Path, token: str, mlflow_password: str) -> None:
+    """README "Running on a cluster", step 1: the Ray token and the MLflow client login in `home`, mode 600."""
+    for path, text in ((".ray/auth_token", token), (".mlflow/credentials", f"[mlflow]\nmlflow_tracking_username = "
+                       f"{MLFLOW_USER}\nmlflow_tracking_password = {mlflow_password}\n")):
+        (home / path).parent.mkdir(parents=True, exist_ok=True)
+        (home / path).write_text(text)
+        (home / path).chmod(0o600)
+
+
 def start_s3(host: Host) -> str:
     """moto's S3 server on `host` with the buckets data, ckpt and mlflow, and the digits as shards in s3://data/
     (built from the laptop, README "Bring your own data"); returns its URL."""
@@ -152,11 +161,7 @@ class BedCluster:
 
     def _provision(self, host: Host) -> None:
         """The file_mounts of ray_cluster.yaml: the Ray token and the MLflow client login, in the host's HOME."""
-        (host.home / ".ray").mkdir(exist_ok=True)
-        (host.home / ".ray" / "auth_token").write_text(self.token)
-        (host.home / ".mlflow").mkdir(exist_ok=True)
-        (host.home / ".mlflow" / "credentials").write_text(
-            f"[mlflow]\nmlflow_tracking_username = {MLFLOW_USER}\nmlflow_tracking_password = {self.mlflow_password}\n")
+        write_secrets(host.home, self.token, self.mlflow_password)
 
     # --- services -------------------------------------------------------------------------------------------
     def start_services(self) -> None:

@@ -281,7 +281,6 @@ def expected_keys(cluster: BedCluster, steps: int) -> dict[int, list[str]]:
         for step in range(1, steps + 1):
             next(reader)
             out[step] = sorted(reader.keys)
-        reader.close()
     return out
 
 

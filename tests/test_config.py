@@ -104,7 +104,7 @@ def test_metric_and_search_settings_are_checked():
 
 def test_num_workers_is_a_count_or_an_elastic_range():
     fixed, elastic = load_config(overrides=["ray.num_workers=4"]).ray, load_config(overrides=["ray.num_workers=2-8"]).ray
-    assert (fixed.min_workers, fixed.max_workers) == (4, 4) and (elastic.min_workers, elastic.max_workers) == (2, 8)
+    assert fixed.worker_range == (4, 4) and elastic.worker_range == (2, 8) and elastic.max_workers == 8
     for bad in ("0", "3-1", "two", "2-", "1.5"):
         with pytest.raises(ConfigError, match="ray.num_workers: must be N or MIN-MAX"):
             load_config(overrides=[f"ray.num_workers={bad}"])

@@ -14,6 +14,7 @@ Run only these: `.venv/bin/python -m pytest -q tests/test_ray_up.py`; the hosts'
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import yaml
 
 import bed_ssh
 import netbed
-from bed_cluster import BIN, REPO, expected_steps, keep_logs, overrides, start_s3, wait_for
+from bed_cluster import BIN, REPO, expected_steps, keep_logs, overrides, start_s3, wait_for, write_secrets
 
 pytestmark = pytest.mark.cluster
 
@@ -42,14 +43,8 @@ class Laptop:
     def __init__(self, bed: netbed.Bed):
         self.home = bed.dir / "laptop"
         self.key = bed_ssh.make_key(self.home / ".ssh" / "id_ed25519")
-        self.token = bed.dir.name + "-" + "0123456789abcdef" * 3  # any secret string; the hosts get it by file mount
-        self.mlflow_password = "bed-trainer-" + bed.dir.name
-        for path, text in ((".ray/auth_token", self.token), (".mlflow/credentials",
-                           f"[mlflow]\nmlflow_tracking_username = trainer\n"
-                           f"mlflow_tracking_password = {self.mlflow_password}\n")):
-            (self.home / path).parent.mkdir(parents=True, exist_ok=True)
-            (self.home / path).write_text(text)
-            (self.home / path).chmod(0o600)
+        # The hosts get both by file mount, as from a user's laptop.
+        write_secrets(self.home, secrets.token_hex(32), secrets.token_urlsafe(18))
         (self.home / "tmp").mkdir()
         self.yaml = self.home / "onprem.yaml"
 

@@ -41,7 +41,6 @@ def steps_of(shards, world, steps, start=1, positions=None):
         taken[step] = sorted(keys)
     for b in ranks:
         after.update(b.positions)
-        b.close()
     return taken, [after[s] for s in range(STREAMS)]
 
 

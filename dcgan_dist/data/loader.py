@@ -155,11 +155,14 @@ def _warn(what) -> bool:
     return True
 
 
-def skip_budget_exceeded(skipped: int, good: int, fraction: float, what) -> bool:
-    """Log one of the first skips; True once `skipped` is over data.max_skip_fraction of all (after SKIP_FLOOR)."""
+def check_skips(skipped: int, good: int, fraction: float, what) -> None:
+    """Log one of the first skips; a DataError once `skipped` is over data.max_skip_fraction of all samples (after
+    SKIP_FLOOR): an endless stream of bad data would otherwise hang."""
     if skipped <= 10:
         log.warning("data: skipping %s", what)
-    return skipped > max(SKIP_FLOOR, fraction * (skipped + good))
+    if skipped > max(SKIP_FLOOR, fraction * (skipped + good)):
+        raise DataError(f"{skipped} of {skipped + good} samples unreadable, over data.max_skip_fraction={fraction:g}; "
+                        f"the last: {what}")
 
 
 class HashingReader:
@@ -322,10 +325,7 @@ class ShardStream(IterableDataset):
     def _skip(self, what) -> bool:
         self.skipped += 1
         self.last_skip = str(what)
-        fraction = self.limits.max_skip_fraction
-        if skip_budget_exceeded(self.skipped, self.good, fraction, what):
-            raise DataError(f"{self.skipped} of {self.skipped + self.good} samples unreadable, over "
-                            f"data.max_skip_fraction={fraction:g}; the last: {what}")
+        check_skips(self.skipped, self.good, self.limits.max_skip_fraction, what)
         return True  # as a webdataset handler: go on with the next sample
 
     def _count(self, image: torch.Tensor) -> torch.Tensor:

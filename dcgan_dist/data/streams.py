@@ -21,7 +21,7 @@ import torch
 
 from dcgan_dist.config import DataConfig
 from dcgan_dist.data import s3
-from dcgan_dist.data.loader import ShardSet, decode_sample, shard_samples, skip_budget_exceeded
+from dcgan_dist.data.loader import ShardSet, check_skips, decode_sample, shard_samples
 from dcgan_dist.errors import DataError
 
 PREFETCH = 4  # batches assembled ahead by the reading thread
@@ -34,15 +34,12 @@ def positions_at(step: int, global_batch: int, streams: int) -> list[int]:
 
 
 class Stream:
-    """One virtual stream: its shards, in a seeded order per epoch, samples in file order, from a position."""
+    """One virtual stream: its shards, in a seeded order per epoch, samples in file order, from a position.
+    `read(url, count)` yields a shard's samples (loader.shard_samples with the run's limits)."""
 
-    def __init__(self, sid: int, shards: ShardSet, streams: int, seed: int, limits: DataConfig, on_error):
-        counts = shards.counts
-        self.urls = [u for i, u in enumerate(shards.urls) if i % streams == sid]
-        self.counts = [counts[u] for u in self.urls]
-        self.sid, self.seed, self.limits, self.on_error = sid, seed, limits, on_error
-        self.epoch_len = sum(self.counts)
-        self.sha256s = shards.sha256s if limits.verify_sha256 else {}
+    def __init__(self, sid: int, urls: list[str], counts: list[int], seed: int, read):
+        self.sid, self.urls, self.counts, self.seed, self.read = sid, urls, counts, seed, read
+        self.epoch_len = sum(counts)
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.urls)))
@@ -56,17 +53,14 @@ class Stream:
         while True:
             base = epoch * self.epoch_len
             for i in self._order(epoch):
-                count = self.counts[i]
-                if offset >= count:
-                    offset -= count
-                    base += count
-                    continue
-                url = self.urls[i]
-                for k, sample in enumerate(shard_samples(url, self.on_error, count, self.limits.max_sample_bytes,
-                                                         self.sha256s.get(url))):
-                    if k >= offset:
-                        yield base + k + 1, sample
-                base, offset = base + count, 0
+                if offset < self.counts[i]:
+                    for k, sample in enumerate(self.read(self.urls[i], self.counts[i])):
+                        if k >= offset:
+                            yield base + k + 1, sample
+                    offset = 0
+                else:
+                    offset -= self.counts[i]
+                base += self.counts[i]
             epoch += 1
 
 
@@ -90,17 +84,23 @@ class StreamBatches:
                             "keep data.streams as the run started")
         self.channels, self.resolution, self.limits = channels, resolution, limits
         self.global_batch, self.rank, self.world, self.n_streams = global_batch, rank, world, n_streams
-        self.step = start_step
         self.skipped = self.good = 0
+        counts, sha256s = shards.counts, shards.sha256s if limits.verify_sha256 else {}
+
+        def read(url: str, count: int) -> Iterator[dict]:
+            return shard_samples(url, self._skip, count, limits.max_sample_bytes, sha256s.get(url))
+
         start = positions or positions_at(start_step - 1, global_batch, n_streams)
-        self.hosted = {s: Stream(s, shards, n_streams, seed, limits, self._skip).samples(start[s])
-                       for s in range(n_streams) if s % world == rank}
+        self.hosted = {}
+        for s in range(rank, n_streams, world):
+            urls = shards.urls[s::n_streams]  # shard i belongs to stream i mod S
+            self.hosted[s] = Stream(s, urls, [counts[u] for u in urls], seed, read).samples(start[s])
         self._read_to = {s: start[s] for s in self.hosted}  # the reading thread's, ahead by the prefetched batches
         self.positions = dict(self._read_to)
         self.keys: list[str] = []
         self._queue: queue.Queue = queue.Queue(PREFETCH)
-        self._stop = threading.Event()
-        threading.Thread(target=self._fill, name=f"streams-rank{rank}", daemon=True).start()
+        # A daemon: it blocks once PREFETCH batches wait, and ends with the process.
+        threading.Thread(target=self._fill, args=(start_step,), name=f"streams-rank{rank}", daemon=True).start()
 
     @property
     def retries(self) -> int:
@@ -108,9 +108,7 @@ class StreamBatches:
 
     def _skip(self, what) -> bool:
         self.skipped += 1
-        if skip_budget_exceeded(self.skipped, self.good, self.limits.max_skip_fraction, what):
-            raise DataError(f"{self.skipped} of {self.skipped + self.good} samples unreadable, over "
-                            f"data.max_skip_fraction={self.limits.max_skip_fraction:g}; the last: {what}")
+        check_skips(self.skipped, self.good, self.limits.max_skip_fraction, what)
         return True
 
     def _take(self, stream: int) -> tuple[torch.Tensor, str]:
@@ -132,10 +130,9 @@ class StreamBatches:
                  if n % self.n_streams % self.world == self.rank]
         return torch.stack([img for img, _ in taken]), [key for _, key in taken], dict(self._read_to)
 
-    def _fill(self) -> None:
-        step = self.step
+    def _fill(self, step: int) -> None:
         try:
-            while not self._stop.is_set():
+            while True:
                 self._queue.put(self._batch(step))
                 step += 1
         except BaseException as e:  # handed to the training thread, which raises it
@@ -149,8 +146,4 @@ class StreamBatches:
         if isinstance(item, BaseException):
             raise item
         images, self.keys, self.positions = item
-        self.step += 1
         return images
-
-    def close(self) -> None:
-        self._stop.set()

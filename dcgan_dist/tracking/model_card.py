@@ -40,7 +40,7 @@ def log_sample_grid(cfg: Config, run_id: str, generator: torch.nn.Module, step: 
 def card_markdown(cfg: Config, run_id: str, state: dict, data: dict, grid: str, run_link: str) -> str:
     """The card's text. `data`: url, sha256, images (count) and resolution of the training data."""
     scored = state.get("evaluation") or {}
-    global_batch = cfg.train.batch_size * cfg.ray.max_workers
+    global_batch = cfg.global_batch
     lines = [
         f"# DCGAN generator, step {state['step']}",
         "",
