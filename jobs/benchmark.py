@@ -61,7 +61,7 @@ def main() -> int:
                          "Gbit/s, measured vs the ring model (needs root; uses tests/netbed.py)")
     sp.add_argument("--json", help="write the result to this file")
     args = p.parse_args()
-    from dcgan_dist.bench import data, ray_overhead, scaling, step
+    from bench import data, ray_overhead, scaling, step
 
     if args.what == "step":
         variants = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dcgan_dist.bench.servers import free_port  # noqa: F401  (re-exported for the tests)
+from servers import free_port  # noqa: F401  (re-exported for the tests)
 
 # Token auth would make a later `ray start --head` + `ray job submit` fail (see PITFALLS).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -51,7 +51,7 @@ def moto_server(*buckets: str):
     """A real moto S3 server on loopback with `buckets`, and this process's S3 settings pointed at it."""
     import boto3
 
-    from dcgan_dist.bench.servers import MotoServer, client_env
+    from servers import MotoServer, client_env
     from dcgan_dist.data import s3
 
     server = MotoServer()

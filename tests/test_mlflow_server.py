@@ -17,7 +17,7 @@ from mlflow.server import get_app_client
 from conftest import REPO, tiny_overrides
 from dcgan_dist import tracking
 from dcgan_dist.config import load_config
-from dcgan_dist.bench.servers import MlflowServer
+from servers import MlflowServer
 from dcgan_dist.errors import TrackingError
 
 AUTH = {"MLFLOW_AUTH": "basic", "MLFLOW_AUTH_ADMIN_PASSWORD": "correct-horse-battery", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32}

@@ -19,10 +19,10 @@ import pytest
 
 from conftest import REPO, free_port, moto_server
 from dcgan_dist.data import s3, shards, sources
-from dcgan_dist.bench.synthetic import lsun_key, write_lsun_lmdb
+from synthetic import lsun_key, write_lsun_lmdb
 from dcgan_dist.data.loader import make_batches, resolve_shards
 from dcgan_dist.errors import DataError
-from dcgan_dist.bench.servers import MotoServer, client_env
+from servers import MotoServer, client_env
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcgan_dist.bench import scaling
+from bench import scaling
 
 
 def test_ring_allreduce_cost_and_efficiency_bounds():

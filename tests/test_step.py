@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce_logits
 
-from dcgan_dist.bench.canonical import CanonicalStep
+from bench.canonical import CanonicalStep
 from dcgan_dist.config import load_config
 from dcgan_dist.models import build_discriminator, build_generator
 from dcgan_dist.step import GANStep, make_optimizers

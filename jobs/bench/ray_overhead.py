@@ -60,7 +60,7 @@ def bench_ray_overhead(steps: int = 300, batch: int = 64, resolution: int = 32, 
         argv = [x for o in [*base, f"data.url={cfg.data.url}", f"train.run_name={run_name}", *extra]
                 for x in ("--set", o)]
         t0 = time.time()
-        train_py = Path(__file__).resolve().parents[2] / "jobs" / "train.py"
+        train_py = Path(__file__).resolve().parents[1] / "train.py"
         subprocess.run([sys.executable, str(train_py), *argv], check=True, capture_output=True,
                        env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
         wall = time.time() - t0

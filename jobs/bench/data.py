@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from dcgan_dist.bench.step import bench_step
+from bench.step import bench_step
 
 
 def _rss_mb() -> float:
@@ -88,8 +88,8 @@ def bench_data(images: int = 2000, resolution: int = 64, encodings=("jpg", "raw"
     import boto3
 
     from dcgan_dist.data import s3, shards, sources
-    from dcgan_dist.bench.synthetic import write_lsun_lmdb
-    from dcgan_dist.bench.servers import MotoServer, client_env
+    from synthetic import write_lsun_lmdb
+    from servers import MotoServer, client_env
 
     work = workdir or tempfile.mkdtemp(prefix="dcgan-bench-")
     db = os.path.join(work, "lmdb")

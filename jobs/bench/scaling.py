@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dcgan_dist.config import load_config
-from dcgan_dist.bench.step import step_gflops, step_seconds
+from bench.step import step_gflops, step_seconds
 from dcgan_dist.models import build_discriminator, build_generator
 
 LINKS_GBPS = (100, 400)
@@ -83,7 +83,7 @@ def measure_allreduce(nbytes: int, world: int = 2, dtype: torch.dtype = torch.fl
                       backend: str = "gloo") -> float:
     """Median seconds of one allreduce of `nbytes` among `world` local processes: gloo over loopback, or
     NCCL with one GPU per process (NCCL allows no two ranks on one GPU)."""
-    from dcgan_dist.bench.servers import free_port
+    from servers import free_port
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -145,9 +145,9 @@ def measure_between_hosts(nbytes: int, rates_mbit=HOST_RATES_MBIT, repeats: int 
     import sys
     from pathlib import Path
 
-    tests = Path(__file__).resolve().parents[2] / "tests"
-    sys.path.insert(0, str(tests))
-    import netbed
+    import netbed  # from tests/ (see bench/__init__.py)
+
+    from bench import JOBS
 
     netbed.require_capabilities()
     rows = []
@@ -160,9 +160,9 @@ def measure_between_hosts(nbytes: int, rates_mbit=HOST_RATES_MBIT, repeats: int 
                     h.shape(rate_mbit=rate)
             for label, dtype, size in (("fp32", "float32", nbytes), ("bf16 hook", "bfloat16", nbytes // 2)):
                 port = 29500 + len(rows)
-                code = (f"from dcgan_dist.bench.scaling import _host_rank; "
+                code = (f"from bench.scaling import _host_rank; "
                         f"_host_rank({{rank}}, '{hosts[0].ip}', {port}, {size}, '{dtype}', {repeats})")
-                env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1"}
+                env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(JOBS)}
                 procs = [h.spawn([sys.executable, "-c", code.format(rank=r)], env=env, log=f"allreduce-{len(rows)}.log")
                          for r, h in enumerate(hosts)]
                 for p in procs:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from dcgan_dist.bench.canonical import CanonicalStep
+from bench.canonical import CanonicalStep
 from dcgan_dist.config import load_config
 from dcgan_dist.models import build_discriminator, build_generator
 from dcgan_dist.step import GANStep, make_optimizers
