@@ -8,6 +8,7 @@ subprocess; every other case runs the same job in-process (`run_job`), which par
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -32,8 +33,9 @@ def test_every_job_fails_bad_input_with_one_line_and_exit_code_2(tmp_path):
         (("benchmark.py", "step", "--variant", "bf16=train.precision=fp8"), "train.precision: must be one of"),
         (("sample.py", "--set", f"tracking.uri={db}"), "models:/dcgan-generator@champion: no such registered model"),
     ]
-    for argv, needle in cases:
-        r = job_subprocess(*argv, cwd=tmp_path)
+    with ThreadPoolExecutor(3) as pool:  # each is mostly its imports: three at a time
+        results = list(pool.map(lambda case: job_subprocess(*case[0], cwd=tmp_path), cases))
+    for (argv, needle), r in zip(cases, results):
         assert_one_line_error(r, needle)
         lines = r.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and sum(x.startswith("error") for x in lines) == 1, r.stderr

@@ -356,14 +356,20 @@ class SlowDownProxy(CuttingProxy):
         return True
 
 
-def test_throttling_beyond_botocores_retries_backs_off_instead_of_skipping(moto):
-    """Six 503 SlowDown answers: botocore gives up after its five attempts; the reader waits and tries again."""
+def test_throttling_beyond_botocores_retries_backs_off_instead_of_skipping(moto, monkeypatch):
+    """Three 503 SlowDown answers: botocore gives up after its attempts (two here: its own backoff between them
+    is real time); the reader waits and tries again."""
     payload = np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
     boto3.client("s3").put_object(Bucket="data", Key="hot.tar", Body=payload)
-    with through(SlowDownProxy(moto.port, refusals=6), moto) as proxy:
-        before = s3.retries()
-        assert s3.ResumableBody("s3://data/hot.tar", backoff=0.05).read() == payload
-        assert proxy.refusals == 0 and s3.retries() > before
+    monkeypatch.setattr(s3, "MAX_ATTEMPTS", 2)
+    s3._clients.clear()
+    try:
+        with through(SlowDownProxy(moto.port, refusals=3), moto) as proxy:
+            before = s3.retries()
+            assert s3.ResumableBody("s3://data/hot.tar", backoff=0.05).read() == payload
+            assert proxy.refusals == 0 and s3.retries() > before
+    finally:
+        s3._clients.clear()
 
 
 def test_an_s3_that_is_down_for_good_stops_the_stream_within_max_stall_s(moto, monkeypatch):

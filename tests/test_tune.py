@@ -84,13 +84,14 @@ def test_asha_stops_the_bad_trial_registers_the_best_checkpoint_and_keeps_a_bett
 
 
 def test_pbt_continues_trials_from_exploited_checkpoints_with_new_learning_rates(local_ray, tmp_path, digits_dir):
-    space_path = make_space(tmp_path, {"train.steps": 8, "train.eval_every": 4},
+    # Two segments of 4 and 2 steps: one exploit (at step 4), none at the end (PBT would clone a finished trial).
+    space_path = make_space(tmp_path, {"train.steps": 6, "train.eval_every": 4},
                             {"train.lr_g": {"loguniform": [1e-4, 3e-3]}, "train.lr_d": {"loguniform": [1e-4, 3e-3]}})
     cfg, space = search_config(tmp_path, digits_dir, space_path, scheduler="pbt", num_samples=2, max_concurrent=2,
                                perturbation_interval=4, name="pbt")
     out = search(cfg, space)
 
-    assert len(out.trials) == 2 and all(row["steps"] == 8 for row in out.trials)
+    assert len(out.trials) == 2 and all(row["steps"] == 6 for row in out.trials)
     client = MlflowClient(cfg.tracking.uri)
     runs = trial_runs(client, cfg, out.parent_run_id)
     restarts = [r.data.tags.get("pbt.last_start", "") for r in runs]
