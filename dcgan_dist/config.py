@@ -31,62 +31,100 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 WORKERS = re.compile(r"\d+(-\d+)?")  # ray.num_workers: N or MIN-MAX
 
 
-def doc(text: str, default: Any) -> Any:
-    """A dataclass field with its one-line doc attached (shown by `--help-config`)."""
-    return field(default=default, metadata={"doc": text})
+def doc(text: str, default: Any, *checks: tuple) -> Any:
+    """A dataclass field with its one-line doc (shown by `--help-config`) and the checks `validate` applies to it:
+    (test, what a good value is) pairs, so a key's rule sits beside the key."""
+    return field(default=default, metadata={"doc": text, "checks": checks})
+
+
+POSITIVE = (lambda v: v > 0, "must be positive")
+NOT_EMPTY = (bool, "must not be empty")
+NAMES_A_BUCKET = (lambda v: not v.startswith("s3://") or bool(v[5:].split("/")[0]), "names no bucket")
+
+
+def at_least(low: float, why: str = "") -> tuple:
+    return lambda v: v >= low, f"must be >= {low}{why}"
+
+
+def one_of(*options) -> tuple:
+    return lambda v: v in options, f"must be one of {', '.join(map(str, options))}"
+
+
+def fraction(upper_included: bool = True) -> tuple:
+    if upper_included:
+        return lambda v: 0 <= v <= 1, "must be in [0, 1]"
+    return lambda v: 0 <= v < 1, "must be in [0, 1)"
+
+
+# Names end up in MLflow filter strings ('...') and in paths: letters, digits and . _ - only (experiments may
+# also hold spaces and "/", as MLflow's own /Users/... names do).
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9/][A-Za-z0-9 ._/-]{0,254}")
+A_NAME = (lambda v: bool(RUN_NAME.fullmatch(v)),
+          "must start with a letter or digit and hold only letters, digits and . _ - (at most 128)")
+AN_EXPERIMENT = (lambda v: bool(EXPERIMENT_NAME.fullmatch(v)), "must be a name of letters, digits, spaces and . _ / -")
 
 
 @dataclass
 class ModelConfig:
-    preset: str = doc("architecture preset: 'examples' (pytorch/examples) or 'paper' (ngf=ndf=128, 5x5)", "examples")
-    resolution: int = doc("image side in pixels: 32, 64 or 128 (sets the network depth)", 32)
-    nz: int = doc("latent dimension", 100)
-    ngf: int = doc("generator base channels; 0 = the preset's", 0)
-    ndf: int = doc("discriminator base channels; 0 = the preset's", 0)
-    kernel: int = doc("kernel size of strided layers (4 or 5); 0 = the preset's", 0)
-    nc: int = doc("image channels (1 or 3); 0 = from the data manifest", 0)
+    preset: str = doc("architecture preset: 'examples' (pytorch/examples) or 'paper' (ngf=ndf=128, 5x5)", "examples",
+                      one_of(*PRESETS))
+    resolution: int = doc("image side in pixels: 32, 64 or 128 (sets the network depth)", 32, one_of(*RESOLUTIONS))
+    nz: int = doc("latent dimension", 100, POSITIVE)
+    ngf: int = doc("generator base channels; 0 = the preset's", 0, POSITIVE)
+    ndf: int = doc("discriminator base channels; 0 = the preset's", 0, POSITIVE)
+    kernel: int = doc("kernel size of strided layers (4 or 5); 0 = the preset's", 0, one_of(4, 5))
+    nc: int = doc("image channels (1 or 3); 0 = from the data manifest", 0, one_of(0, 1, 3))
 
 
 @dataclass
 class DataConfig:
-    url: str = doc("shards: a local folder with manifest.json, or a brace pattern like dir/shard-{000000..000009}.tar", "data/digits-32")
-    num_workers: int = doc("DataLoader worker processes per training rank (decode happens there)", 1)
-    shuffle_buffer: int = doc("samples held in each stream's shuffle buffer", 1000)
+    url: str = doc("shards: a local folder with manifest.json, or a brace pattern like dir/shard-{000000..000009}.tar", "data/digits-32",
+                   NOT_EMPTY, NAMES_A_BUCKET)
+    num_workers: int = doc("DataLoader worker processes per training rank (decode happens there)", 1, at_least(0))
+    shuffle_buffer: int = doc("samples held in each stream's shuffle buffer", 1000, at_least(1))
     max_skip_fraction: float = doc("stop with an error when more than this fraction of samples is unreadable "
-                                   "(the first 100 are always tolerated)", 0.05)
-    max_bad_shards: int = doc("stop with an error after this many shards in a row without a usable image", 16)
-    max_sample_bytes: int = doc("largest tar member read; a bigger one ends its shard unread", 16 << 20)
+                                   "(the first 100 are always tolerated)", 0.05, fraction())
+    max_bad_shards: int = doc("stop with an error after this many shards in a row without a usable image", 16,
+                              at_least(1))
+    max_sample_bytes: int = doc("largest tar member read; a bigger one ends its shard unread", 16 << 20, at_least(1024))
     verify_sha256: bool = doc("hash each shard as it streams and check it against the manifest", False)
-    max_stall_s: float = doc("stop with an error when no usable image came for this long (S3 down for good)", 60.0)
+    max_stall_s: float = doc("stop with an error when no usable image came for this long (S3 down for good)", 60.0,
+                             POSITIVE)
     streams: int = doc("0 = each rank draws shards at random; N = N seeded virtual streams, so the images of each "
-                       "step are the same whatever the number of workers (elastic training; needs >= N shards)", 0)
+                       "step are the same whatever the number of workers (elastic training; needs >= N shards)", 0,
+                       at_least(0))
 
 
 @dataclass
 class TrainConfig:
-    steps: int = doc("total optimizer steps (each = one D update + one G update)", 500)
-    batch_size: int = doc("images per worker per step (elastic: the global batch is this x the most workers)", 64)
-    lr_g: float = doc("generator Adam learning rate", 2e-4)
-    lr_d: float = doc("discriminator Adam learning rate", 2e-4)
-    beta1: float = doc("Adam beta1 (the paper uses 0.5)", 0.5)
-    beta2: float = doc("Adam beta2", 0.999)
+    steps: int = doc("total optimizer steps (each = one D update + one G update)", 500, POSITIVE)
+    batch_size: int = doc("images per worker per step (elastic: the global batch is this x the most workers)", 64,
+                          at_least(2, " (batch norm needs more than one sample)"))
+    lr_g: float = doc("generator Adam learning rate", 2e-4, POSITIVE)
+    lr_d: float = doc("discriminator Adam learning rate", 2e-4, POSITIVE)
+    beta1: float = doc("Adam beta1 (the paper uses 0.5)", 0.5, fraction(False))
+    beta2: float = doc("Adam beta2", 0.999, fraction(False))
     seed: int = doc("seed for weights, noise and data order", 0)
-    log_every: int = doc("steps between metric reports", 10)
-    checkpoint_every: int = doc("steps between checkpoints (metrics reach MLflow with each checkpoint)", 100)
-    stop_timeout_s: float = doc("on SIGTERM, how long the driver waits for the workers' last checkpoint", 60.0)
+    log_every: int = doc("steps between metric reports", 10, POSITIVE)
+    checkpoint_every: int = doc("steps between checkpoints (metrics reach MLflow with each checkpoint)", 100, POSITIVE)
+    stop_timeout_s: float = doc("on SIGTERM, how long the driver waits for the workers' last checkpoint", 60.0,
+                                POSITIVE)
     lease_ttl_s: float = doc("the run-name lease in S3 lapses this long after its job died (renewed every third)",
-                             60.0)
-    sample_every: int = doc("steps between 8x8 sample grids (0 = only at the end)", 100)
-    run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "")
+                             60.0, at_least(3))
+    sample_every: int = doc("steps between 8x8 sample grids (0 = only at the end)", 100, at_least(0))
+    run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "",
+                        (lambda v: not v or A_NAME[0](v), A_NAME[1]))
     sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics (GPU only)", False)
     channels_last: bool = doc("NHWC memory layout for G, D and batches (1.3x faster convolutions on CPU)", True)
     precision: str = doc("auto (bf16 where the hardware has it natively, else fp32), fp32, bf16 (autocast) or fp16 "
-                         "(autocast + grad scaler); weights and Adam stay fp32", "auto")
+                         "(autocast + grad scaler); weights and Adam stay fp32", "auto", one_of(*PRECISIONS))
     fused_adam: bool = doc("Adam's fused kernel (one kernel for all parameters instead of a loop)", False)
     compile: str = doc("torch.compile G and D: none, default, or reduce-overhead (CUDA graphs on GPU); "
-                       "falls back to eager where compilation fails", "none")
-    eval_every: int = doc("steps between quality evaluations, each also a checkpoint (0 = never)", 100)
-    ema_decay: float = doc("generator weight EMA decay, evaluated and exported when on (0 = off; 0.999 typical)", 0.0)
+                       "falls back to eager where compilation fails", "none", one_of(*COMPILE_MODES))
+    eval_every: int = doc("steps between quality evaluations, each also a checkpoint (0 = never)", 100, at_least(0))
+    ema_decay: float = doc("generator weight EMA decay, evaluated and exported when on (0 = off; 0.999 typical)", 0.0,
+                           fraction(False))
     check_replicas: bool = doc("at every checkpoint, every rank hashes G and reports it (g_digests): equal hashes "
                                "prove DDP kept the replicas identical", False)
     key_log: str = doc("folder where every rank writes the sample keys of each step (checks data order; needs "
@@ -97,17 +135,20 @@ class TrainConfig:
 class RayConfig:
     address: str = doc("Ray cluster: '' = start a local one, 'auto' = the one this job runs in, or ray://host:port", "")
     num_workers: str = doc("training workers (DDP ranks): N, or MIN-MAX to train elastically on what is there", "2")
-    resize_check_s: float = doc("elastic: seconds between checks for room to grow the group back to MAX", 60.0)
+    resize_check_s: float = doc("elastic: seconds between checks for room to grow the group back to MAX", 60.0,
+                                POSITIVE)
     start_timeout_s: float = doc("how long a worker group may take to start before Ray Train tries again (elastic: "
-                                 "with fewer workers, once a lost node is known dead)", 60.0)
+                                 "with fewer workers, once a lost node is known dead)", 60.0, POSITIVE)
     use_gpu: bool = doc("one GPU per worker and NCCL; False = CPU with gloo", False)
-    cpus_per_worker: float = doc("CPUs reserved per worker", 1.0)
+    cpus_per_worker: float = doc("CPUs reserved per worker", 1.0, POSITIVE)
     storage_path: str = doc("where checkpoints go: a local folder, s3://bucket/prefix, or on a cluster without S3 "
-                            "file:///folder/every/node/mounts", "ray_results")
-    max_failures: int = doc("worker-group restarts allowed before the run fails (-1 = unlimited)", 2)
-    keep_checkpoints: int = doc("checkpoints kept per run (oldest deleted first)", 3)
-    ddp_bucket_mb: int = doc("DDP gradient bucket size in MB (smaller buckets overlap allreduce with backward earlier)", 25)
-    grad_compression: str = doc("DDP communication hook: none, bf16 or fp16 (gradients sent at half width)", "none")
+                            "file:///folder/every/node/mounts", "ray_results", NOT_EMPTY, NAMES_A_BUCKET)
+    max_failures: int = doc("worker-group restarts allowed before the run fails (-1 = unlimited)", 2, at_least(-1))
+    keep_checkpoints: int = doc("checkpoints kept per run (oldest deleted first)", 3, at_least(1))
+    ddp_bucket_mb: int = doc("DDP gradient bucket size in MB (smaller buckets overlap allreduce with backward "
+                             "earlier)", 25, at_least(1))
+    grad_compression: str = doc("DDP communication hook: none, bf16 or fp16 (gradients sent at half width)", "none",
+                                one_of("none", "bf16", "fp16"))
 
     @property
     def worker_range(self) -> tuple[int, int]:
@@ -124,19 +165,20 @@ class RayConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = doc("MLflow tracking URI (sqlite:///file.db, http://host:5000, ...)", "sqlite:///mlflow.db")
-    experiment: str = doc("MLflow experiment name", "dcgan")
-    model_name: str = doc("registered model name for the trained generator", "dcgan-generator")
+    uri: str = doc("MLflow tracking URI (sqlite:///file.db, http://host:5000, ...)", "sqlite:///mlflow.db", NOT_EMPTY)
+    experiment: str = doc("MLflow experiment name", "dcgan", AN_EXPERIMENT)
+    model_name: str = doc("registered model name for the trained generator", "dcgan-generator", A_NAME)
     register: bool = doc("log and register the generator at the end of training", True)
 
 
 @dataclass
 class MetricsConfig:
-    num_images: int = doc("generated images per evaluation; real images = the same or all the data has", 2048)
+    num_images: int = doc("generated images per evaluation; real images = the same or all the data has", 2048,
+                          at_least(16))
     inception_weights: str = doc("FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth), path or s3://; '' = SWD only", "")
     inception_sha256: str = doc("expected sha256 of inception_weights ('' = the official file's hash prefix)", "")
     cache_dir: str = doc("where real-data statistics are cached, keyed by the data manifest", "~/.cache/dcgan-dist")
-    batch_size: int = doc("images per forward pass when generating and extracting features", 256)
+    batch_size: int = doc("images per forward pass when generating and extracting features", 256, POSITIVE)
     seed: int = doc("seed of the evaluation noise, patch positions and projections (fixed: comparable numbers)", 0)
 
 
@@ -144,14 +186,17 @@ class MetricsConfig:
 class TuneConfig:
     metric: str = doc("quality metric to minimize: swd, fid or kid (also ranks checkpoints and decides champion)", "swd")
     space: str = doc("YAML file with the search space and the settings every trial shares", "jobs/tune_space.yaml")
-    num_samples: int = doc("trials to run", 6)
-    max_concurrent: int = doc("trials running at once (each uses ray.num_workers workers)", 2)
-    scheduler: str = doc("asha (early stopping), pbt (population based training) or fifo (none)", "asha")
-    search: str = doc("optuna (TPE) or random; pbt always starts from random samples", "optuna")
-    grace_period: int = doc("ASHA: steps before a trial can be stopped", 100)
-    reduction_factor: int = doc("ASHA: keep the best 1/reduction_factor at each rung", 2)
-    perturbation_interval: int = doc("PBT: steps between exploit/explore decisions", 100)
-    name: str = doc("search name (MLflow parent run, storage folder); '' = new timestamped name", "")
+    num_samples: int = doc("trials to run", 6, POSITIVE)
+    max_concurrent: int = doc("trials running at once (each uses ray.num_workers workers)", 2, POSITIVE)
+    scheduler: str = doc("asha (early stopping), pbt (population based training) or fifo (none)", "asha",
+                         one_of("asha", "pbt", "fifo"))
+    search: str = doc("optuna (TPE) or random; pbt always starts from random samples", "optuna",
+                      one_of("optuna", "random"))
+    grace_period: int = doc("ASHA: steps before a trial can be stopped", 100, POSITIVE)
+    reduction_factor: int = doc("ASHA: keep the best 1/reduction_factor at each rung", 2, at_least(2))
+    perturbation_interval: int = doc("PBT: steps between exploit/explore decisions", 100, POSITIVE)
+    name: str = doc("search name (MLflow parent run, storage folder); '' = new timestamped name", "",
+                    (lambda v: "/" not in v, "must not contain '/'"))
 
 
 @dataclass
@@ -299,95 +344,36 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-# Names end up in MLflow filter strings ('...') and in paths: letters, digits and . _ - only (experiments may
-# also hold spaces and "/", as MLflow's own /Users/... names do).
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9/][A-Za-z0-9 ._/-]{0,254}")
-
-
-def _check_finite(cfg: Config) -> None:
-    """No inf or nan anywhere: every float key of every section."""
+def _check_fields(cfg: Config) -> None:
+    """Every key's own checks (declared beside it), and no inf or nan in any float key."""
     for section in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, section.name)):
-            value = getattr(getattr(cfg, section.name), f.name)
+            key, value = f"{section.name}.{f.name}", getattr(getattr(cfg, section.name), f.name)
             if isinstance(value, float):
-                _check(math.isfinite(value), f"{section.name}.{f.name}", f"must be a finite number, got {value}")
+                _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+            for test, rule in f.metadata["checks"]:
+                _check(test(value), key, f"{rule}, got {value!r}")
 
 
 def validate(cfg: Config) -> Config:
-    """Check ranges and fill preset-derived values, so what gets logged is what ran."""
-    m, d, t, r = cfg.model, cfg.data, cfg.train, cfg.ray
-    _check_finite(cfg)
+    """Fill preset-derived values, then check every key and the rules between keys, so what gets logged is what
+    ran."""
+    m, d, t, r, tc = cfg.model, cfg.data, cfg.train, cfg.ray, cfg.tune
     _check(m.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {m.preset!r}")
-    _check(m.resolution in RESOLUTIONS, "model.resolution", f"must be one of {RESOLUTIONS}, got {m.resolution}")
     for name in ("ngf", "ndf", "kernel"):
         if getattr(m, name) == 0:
             setattr(m, name, PRESETS[m.preset][name])
-        _check(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
-    _check(m.kernel in (4, 5), "model.kernel", f"must be 4 or 5, got {m.kernel}")
-    _check(m.nz > 0, "model.nz", f"must be positive, got {m.nz}")
-    _check(m.nc in (0, 1, 3), "model.nc", f"must be 1, 3 or 0 (from the data), got {m.nc}")
-    _check(bool(d.url), "data.url", "must name a shard folder, brace pattern or s3:// prefix")
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
-    _check(0 <= d.max_skip_fraction <= 1, "data.max_skip_fraction", f"must be in [0, 1], got {d.max_skip_fraction}")
-    _check(d.max_bad_shards >= 1, "data.max_bad_shards", f"must be >= 1, got {d.max_bad_shards}")
-    _check(d.max_stall_s > 0, "data.max_stall_s", f"must be positive, got {d.max_stall_s}")
-    _check(d.max_sample_bytes >= 1024, "data.max_sample_bytes", f"must be >= 1024, got {d.max_sample_bytes}")
-    for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
-        _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
-    _check(t.batch_size >= 2, "train.batch_size", "must be >= 2 (batch norm needs more than one sample)")
-    _check(t.sample_every >= 0, "train.sample_every", f"must be >= 0, got {t.sample_every}")
-    for name in ("lr_g", "lr_d"):
-        _check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
-    for name in ("beta1", "beta2"):
-        _check(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
-    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
-    _check(t.stop_timeout_s > 0, "train.stop_timeout_s", f"must be positive, got {t.stop_timeout_s}")
-    _check(t.lease_ttl_s >= 3, "train.lease_ttl_s", f"must be >= 3, got {t.lease_ttl_s}")
-    _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
-    _check(not t.run_name or RUN_NAME.fullmatch(t.run_name), "train.run_name",
-           f"must start with a letter or digit and hold only letters, digits and . _ - (at most 128), got {t.run_name!r}")
-    _check(bool(EXPERIMENT_NAME.fullmatch(cfg.tracking.experiment)), "tracking.experiment",
-           f"must be a name of letters, digits, spaces and . _ / -, got {cfg.tracking.experiment!r}")
-    _check(bool(RUN_NAME.fullmatch(cfg.tracking.model_name)), "tracking.model_name",
-           f"must start with a letter or digit and hold only letters, digits and . _ -, got {cfg.tracking.model_name!r}")
-    for key, url in (("data.url", d.url), ("ray.storage_path", r.storage_path)):
-        _check(not url.startswith("s3://") or bool(url[5:].split("/")[0]), key, f"names no bucket: {url!r}")
-    _check(t.compile in COMPILE_MODES, "train.compile", f"must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
-    _check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    _check_fields(cfg)
     _check(not t.sync_batchnorm or r.use_gpu, "train.sync_batchnorm",
            "needs ray.use_gpu=true (PyTorch's SyncBatchNorm runs on GPUs only; CPU ranks keep per-rank statistics)")
     low, high = r.worker_range
-    _check(1 <= low <= high, "ray.num_workers",
-           f"must be N or MIN-MAX with 1 <= MIN <= MAX, got {r.num_workers!r}")
-    _check(r.resize_check_s > 0, "ray.resize_check_s", f"must be positive, got {r.resize_check_s}")
-    _check(r.start_timeout_s > 0, "ray.start_timeout_s", f"must be positive, got {r.start_timeout_s}")
-    _check(d.streams >= 0, "data.streams", f"must be >= 0, got {d.streams}")
+    _check(1 <= low <= high, "ray.num_workers", f"must be N or MIN-MAX with 1 <= MIN <= MAX, got {r.num_workers!r}")
     _check(not t.key_log or d.streams > 0, "train.key_log", "needs data.streams > 0 (the random draw has no order)")
-    _check(r.ddp_bucket_mb >= 1, "ray.ddp_bucket_mb", f"must be >= 1, got {r.ddp_bucket_mb}")
-    _check(r.grad_compression in ("none", "bf16", "fp16"), "ray.grad_compression",
-           f"must be none, bf16 or fp16, got {r.grad_compression!r}")
-    _check(r.cpus_per_worker > 0, "ray.cpus_per_worker", f"must be positive, got {r.cpus_per_worker}")
-    _check(r.max_failures >= -1, "ray.max_failures", f"must be >= -1, got {r.max_failures}")
-    _check(r.keep_checkpoints >= 1, "ray.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
-    _check(bool(r.storage_path), "ray.storage_path", "must not be empty")
-    _check(bool(cfg.tracking.uri), "tracking.uri", "must not be empty")
-    _check(bool(cfg.tracking.model_name), "tracking.model_name", "must not be empty")
-    mc, tc = cfg.metrics, cfg.tune
-    _check(mc.num_images >= 16, "metrics.num_images", f"must be >= 16, got {mc.num_images}")
-    _check(mc.batch_size >= 1, "metrics.batch_size", f"must be positive, got {mc.batch_size}")
     from dcgan_dist.metrics.registry import METRICS  # here, not at the top: `--help` stays fast
 
     _check(tc.metric in METRICS, "tune.metric", f"must be one of {', '.join(METRICS)}, got {tc.metric!r}")
-    _check(not METRICS[tc.metric].uses_features or bool(mc.inception_weights), "tune.metric",
+    _check(not METRICS[tc.metric].uses_features or bool(cfg.metrics.inception_weights), "tune.metric",
            f"{tc.metric} needs metrics.inception_weights (a local or s3:// Inception weights file)")
-    _check(tc.scheduler in ("asha", "pbt", "fifo"), "tune.scheduler", f"must be asha, pbt or fifo, got {tc.scheduler!r}")
-    _check(tc.search in ("optuna", "random"), "tune.search", f"must be optuna or random, got {tc.search!r}")
-    for name in ("num_samples", "max_concurrent", "grace_period", "perturbation_interval"):
-        _check(getattr(tc, name) > 0, f"tune.{name}", f"must be positive, got {getattr(tc, name)}")
-    _check(tc.reduction_factor >= 2, "tune.reduction_factor", f"must be >= 2, got {tc.reduction_factor}")
-    _check("/" not in tc.name, "tune.name", f"must not contain '/', got {tc.name!r}")
     return cfg
 
 
