@@ -64,7 +64,7 @@ def client_env(endpoint: str) -> dict:
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-REPO = Path(__file__).resolve().parents[2]  # the checkout: cluster/start_mlflow.sh
+REPO = Path(__file__).resolve().parents[1]  # the checkout: cluster/start_mlflow.sh
 
 
 class MlflowServer:
