@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import tarfile
 import time
@@ -87,62 +88,50 @@ def _parse_manifest(text: str | bytes, where: str) -> dict:
     return manifest
 
 
-def _resolve_s3(url: str) -> ShardSet:
-    if "{" in url:
-        urls = list(braceexpand(url))
-        if s3.exists(urls[0]) is None:
-            raise DataError(f"data.url {url!r}: the first shard {urls[0]} does not exist")
-        return ShardSet(urls, None)
-    prefix = url.rstrip("/") + "/"
-    s3.check_bucket(prefix, "read shards from")
-    if s3.exists(prefix + MANIFEST):
-        manifest = _parse_manifest(s3.read_bytes(prefix + MANIFEST), prefix + MANIFEST)
-        return ShardSet([prefix + s["name"] for s in manifest["shards"]], manifest)
-    bucket, key_prefix = s3.split(prefix)
-    keys = [k for k in s3.list_keys(prefix) if k.endswith(".tar") and "/" not in k[len(key_prefix):]]
-    urls = sorted(f"s3://{bucket}/{k}" for k in keys)
-    if not urls:
-        raise DataError(f"data.url {url!r} holds no manifest.json and no *.tar shards")
-    return ShardSet(urls, None)
-
-
 def resolve_shards(url: str) -> ShardSet:
     """A shard folder or s3:// prefix (with manifest.json, or *.tar) or a brace pattern -> shard URLs."""
-    if s3.is_s3(url):
-        return _resolve_s3(url)
+    remote = s3.is_s3(url)
     if "{" in url:
         urls = list(braceexpand(url))
-        missing = [u for u in urls if not Path(u).is_file()]
+        if remote and s3.exists(urls[0]) is None:  # on S3 the first only: a request per shard is slow
+            raise DataError(f"data.url {url!r}: the first shard {urls[0]} does not exist")
+        missing = [] if remote else [u for u in urls if not Path(u).is_file()]
         if missing:
-            raise DataError(f"data.url {url!r}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+            raise DataError(f"data.url {url!r}: {len(missing)} of {len(urls)} shards do not exist "
+                            f"(first: {missing[0]})")
         return ShardSet(urls, None)
-    root = Path(url)
-    if not root.exists():
-        raise DataError(
-            f"data.url {url!r} does not exist; build shards with "
-            f"`python jobs/prepare_data.py digits --out {url}` (or `folder PATH --out {url}`)"
-        )
-    if not root.is_dir():
-        raise DataError(f"data.url {url!r} is not a directory of shards")
-    manifest_path = root / MANIFEST
-    if manifest_path.is_file():
-        manifest = _parse_manifest(manifest_path.read_text(), str(manifest_path))
+    if remote:
+        root = url.rstrip("/") + "/"
+        s3.check_bucket(root, "read shards from")
+        manifest_url = root + MANIFEST
+        text = s3.read_bytes(manifest_url) if s3.exists(manifest_url) else None
+    else:
+        root = Path(url)
+        if not root.exists():
+            raise DataError(
+                f"data.url {url!r} does not exist; build shards with "
+                f"`python jobs/prepare_data.py digits --out {url}` (or `folder PATH --out {url}`)"
+            )
+        if not root.is_dir():
+            raise DataError(f"data.url {url!r} is not a directory of shards")
+        manifest_url = str(root / MANIFEST)
+        text = (root / MANIFEST).read_text() if (root / MANIFEST).is_file() else None
+    if text is not None:
+        manifest = _parse_manifest(text, manifest_url)
         names = [s["name"] for s in manifest["shards"]]
-        missing = [n for n in names if not (root / n).is_file()]
+        missing = [] if remote else [n for n in names if not (root / n).is_file()]  # on S3: a skip when read
         if missing:
-            raise DataError(f"{manifest_path} lists {len(missing)} shard(s) missing from {root} (first: {missing[0]})")
-        return ShardSet([str(root / n) for n in names], manifest)
-    urls = sorted(glob.glob(str(root / "*.tar")))
+            raise DataError(f"{manifest_url} lists {len(missing)} shard(s) missing from {root} (first: {missing[0]})")
+        return ShardSet([os.path.join(root, n) for n in names], manifest)
+    if remote:
+        bucket, key_prefix = s3.split(root)
+        keys = [k for k in s3.list_keys(root) if k.endswith(".tar") and "/" not in k[len(key_prefix):]]
+        urls = sorted(f"s3://{bucket}/{k}" for k in keys)
+    else:
+        urls = sorted(glob.glob(str(root / "*.tar")))
     if not urls:
         raise DataError(f"data.url {url!r} holds no manifest.json and no *.tar shards")
     return ShardSet(urls, None)
-
-
-def open_shard(url: str) -> IO[bytes]:
-    """A local file, or an S3 object as a stream that resumes after dropped connections."""
-    if s3.is_s3(url):
-        return io.BufferedReader(s3.ResumableBody(url), buffer_size=1 << 20)
-    return open(url, "rb")
 
 
 # What a broken or missing shard raises; anything else is a bug and propagates.
@@ -153,16 +142,6 @@ def _warn(what) -> bool:
     """Log and go on: `on_error` for one-off reads, and a webdataset handler (True: continue)."""
     log.warning("data: skipping %s", what)
     return True
-
-
-def check_skips(skipped: int, good: int, fraction: float, what) -> None:
-    """Log one of the first skips; a DataError once `skipped` is over data.max_skip_fraction of all samples (after
-    SKIP_FLOOR): an endless stream of bad data would otherwise hang."""
-    if skipped <= 10:
-        log.warning("data: skipping %s", what)
-    if skipped > max(SKIP_FLOOR, fraction * (skipped + good)):
-        raise DataError(f"{skipped} of {skipped + good} samples unreadable, over data.max_skip_fraction={fraction:g}; "
-                        f"the last: {what}")
 
 
 class HashingReader:
@@ -188,7 +167,9 @@ def tar_members(url: str, max_bytes: int = MAX_SAMPLE_BYTES, sha256: str | None 
     header gives the size), so one huge member cannot run a DataLoader worker out of memory. With `sha256` (the
     manifest's), the shard is hashed as it streams and a mismatch is an error at its end.
     Not webdataset's tar_file_expander: it reads every member whole whatever its header says, and opens gzip."""
-    with open_shard(url) as raw:
+    # An S3 object as a stream that resumes after dropped connections.
+    raw = io.BufferedReader(s3.ResumableBody(url), buffer_size=1 << 20) if s3.is_s3(url) else open(url, "rb")
+    with raw:
         stream = HashingReader(raw) if sha256 else raw
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
@@ -263,8 +244,8 @@ def decode_sample(sample: dict[str, bytes], channels: int, resolution: int) -> t
     return img
 
 
-def _decode(sample: dict, channels: int, resolution: int) -> torch.Tensor:
-    """decode_sample as a wds.map stage; its error names the sample, as wds.map's handler sees only the exception.
+def decode_named(sample: dict, channels: int, resolution: int) -> torch.Tensor:
+    """decode_sample whose error names the sample: as a wds.map stage, its handler sees only the exception.
 
     Not wds.decode: it decodes each field alone, while this picks one image field and checks channels and size.
     """
@@ -274,7 +255,34 @@ def _decode(sample: dict, channels: int, resolution: int) -> torch.Tensor:
         raise DataError(f"sample {sample['__key__']} in {sample['__url__']}: {type(e).__name__}: {e}") from None
 
 
-class ShardStream(IterableDataset):
+class SkipLimit:
+    """Bad data as both readers (ShardStream, streams.StreamBatches) handle it: bad samples and broken shards are
+    skipped and counted, until skips pass data.max_skip_fraction of all samples (after SKIP_FLOOR): then a
+    DataError, as an endless stream of bad data would otherwise hang."""
+
+    def __init__(self, shards: ShardSet, limits: DataConfig):
+        self.limits = limits
+        self.sha256s = shards.sha256s if limits.verify_sha256 else {}
+        self.skipped = self.good = 0
+        self.last_skip = ""
+
+    def _samples(self, url: str, expected: int) -> Iterator[dict]:
+        """One shard's samples under the run's limits; what goes wrong in it is a skip."""
+        return shard_samples(url, self._skip, expected, self.limits.max_sample_bytes, self.sha256s.get(url))
+
+    def _skip(self, what) -> bool:
+        self.skipped += 1
+        self.last_skip = str(what)
+        if self.skipped <= 10:
+            log.warning("data: skipping %s", what)
+        total, fraction = self.skipped + self.good, self.limits.max_skip_fraction
+        if self.skipped > max(SKIP_FLOOR, fraction * total):
+            raise DataError(f"{self.skipped} of {total} samples unreadable, over data.max_skip_fraction={fraction:g}; "
+                            f"the last: {what}")
+        return True  # as a webdataset handler: go on with the next sample
+
+
+class ShardStream(SkipLimit, IterableDataset):
     """Infinite batches of uint8 images for one rank; each DataLoader worker gets its own seed.
 
     Yields dicts: `image` (B, C, H, W) uint8, `worker` (its id) and `stats`, this worker's
@@ -282,33 +290,24 @@ class ShardStream(IterableDataset):
     A plain IterableDataset around a wds.DataPipeline: ray's prepare_data_loader rejects WebLoader.
     """
 
-    def __init__(self, urls: list[str], *, counts: dict[str, int] | None = None,
-                 sha256s: dict[str, str] | None = None, channels: int, resolution: int,
-                 batch_size: int, seed: int, rank: int, start_step: int, shuffle_buffer: int = 1000,
-                 limits: DataConfig | None = None):
+    def __init__(self, shards: ShardSet, *, channels: int, resolution: int, batch_size: int, seed: int,
+                 rank: int = 0, start_step: int = 0, shuffle_buffer: int = 1000, limits: DataConfig | None = None):
         """`limits`: how much bad data to tolerate (the data.max_* keys and data.verify_sha256)."""
-        self.urls, self.counts, self.sha256s = urls, counts or {}, sha256s or {}
+        super().__init__(shards, limits or DataConfig())
+        self.urls, self.counts = shards.urls, shards.counts
         self.channels, self.resolution = channels, resolution
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.rank, self.start_step = seed, rank, start_step
-        self.limits = limits or DataConfig()
-        self.skipped = self.good = 0
         self.bad_run: list[str] = []  # the shards read in a row without a usable image, with why
         self.last_good = time.monotonic()
-        self.last_skip = ""
         self.shards_read: Counter[str] = Counter()
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return {"skipped": self.skipped, "retries": s3.retries()}
 
     def _read(self, shards: Iterator[dict]) -> Iterator[dict]:
         """Each drawn shard's samples; per shard, as a flat tarfile_to_samples loses where a shard ended."""
         for shard in shards:
             url, good_before, self.last_skip = shard["url"], self.good, ""
             self.shards_read[url] += 1
-            sha256 = self.sha256s.get(url) if self.limits.verify_sha256 else None
-            yield from shard_samples(url, self._skip, self.counts.get(url, 0), self.limits.max_sample_bytes, sha256)
+            yield from self._samples(url, self.counts.get(url, 0))
             # Resumed only when the stage after decoding wants more: this shard's samples have all been decoded.
             if self.good > good_before:
                 self.bad_run.clear()
@@ -321,12 +320,6 @@ class ShardStream(IterableDataset):
             if stalled > self.limits.max_stall_s:  # each shard of an S3 that is down costs its retries (~40 s)
                 raise DataError(f"no usable image for {stalled:.0f} s (data.max_stall_s={self.limits.max_stall_s:g}); "
                                 f"the last shards: {'; '.join(self.bad_run[-3:])}")
-
-    def _skip(self, what) -> bool:
-        self.skipped += 1
-        self.last_skip = str(what)
-        check_skips(self.skipped, self.good, self.limits.max_skip_fraction, what)
-        return True  # as a webdataset handler: go on with the next sample
 
     def _count(self, image: torch.Tensor) -> torch.Tensor:
         self.good += 1
@@ -342,11 +335,12 @@ class ShardStream(IterableDataset):
         return iter(wds.DataPipeline(
             wds.ResampledShards(self.urls, worker_seed=lambda: shard_seed, deterministic=True),
             self._read,
-            wds.map(partial(_decode, channels=self.channels, resolution=self.resolution), handler=self._skip),
+            wds.map(partial(decode_named, channels=self.channels, resolution=self.resolution), handler=self._skip),
             wds.map(self._count),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed)),
             wds.batched(self.batch_size, collation_fn=torch.stack, partial=False),
-            wds.map(lambda images: {"image": images, "worker": worker, "stats": self.stats}),
+            wds.map(lambda images: {"image": images, "worker": worker,
+                                    "stats": {"skipped": self.skipped, "retries": s3.retries()}}),
         ))
 
 
@@ -359,13 +353,8 @@ class Batches:
         self._it = iter(self.loader)
         self._stats: dict[int, dict[str, int]] = {}
 
-    @property
-    def skipped(self) -> int:
-        return sum(s["skipped"] for s in self._stats.values())
-
-    @property
-    def retries(self) -> int:
-        return sum(s["retries"] for s in self._stats.values())
+    skipped = property(lambda self: sum(s["skipped"] for s in self._stats.values()))
+    retries = property(lambda self: sum(s["retries"] for s in self._stats.values()))
 
     def __iter__(self) -> "Batches":
         return self
@@ -379,13 +368,9 @@ class Batches:
         return b["image"]
 
 
-def make_batches(shards: ShardSet, *, channels: int, resolution: int, batch_size: int, seed: int,
-                 rank: int = 0, start_step: int = 0, num_workers: int = 0, shuffle_buffer: int = 1000,
-                 limits: DataConfig | None = None) -> Batches:
-    stream = ShardStream(shards.urls, counts=shards.counts, sha256s=shards.sha256s, channels=channels,
-                         resolution=resolution, batch_size=batch_size, seed=seed, rank=rank, start_step=start_step,
-                         shuffle_buffer=shuffle_buffer, limits=limits)
-    return Batches(stream, num_workers)
+def make_batches(shards: ShardSet, *, num_workers: int = 0, **stream) -> Batches:
+    """A rank's batches: ShardStream(shards, **stream), read by `num_workers` DataLoader workers."""
+    return Batches(ShardStream(shards, **stream), num_workers)
 
 
 def read_sample(shards: ShardSet, n: int, *, channels: int, resolution: int, threads: int = 16) -> torch.Tensor:
@@ -399,8 +384,8 @@ def read_sample(shards: ShardSet, n: int, *, channels: int, resolution: int, thr
     per_shard = -(-n // m)
 
     def head(url: str) -> list[torch.Tensor]:
-        images = wds.map(partial(_decode, channels=channels, resolution=resolution), handler=_warn)(shard_samples(url))
-        return list(islice(images, per_shard))
+        decode = partial(decode_named, channels=channels, resolution=resolution)
+        return list(islice(wds.map(decode, handler=_warn)(shard_samples(url)), per_shard))
 
     with ThreadPoolExecutor(threads) as pool:
         images = [img for part in pool.map(head, picked) for img in part][:n]

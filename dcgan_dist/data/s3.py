@@ -176,8 +176,7 @@ class ResumableBody(io.RawIOBase):
         self.url, (self.bucket, self.key) = url, split(url)
         self.max_retries = RETRIES if max_retries is None else max_retries
         self.backoff, self.max_backoff = backoff or BACKOFF_S, max_backoff
-        self.pos, self.size, self.etag = 0, None, None
-        self.body = None
+        self.pos, self.size, self.etag, self.body = 0, None, None, None
         self._connect()
 
     def _connect(self) -> None:
@@ -223,20 +222,17 @@ class ResumableBody(io.RawIOBase):
     def readinto(self, buf) -> int:
         failures = 0
         while True:
-            if self.size is not None and self.pos >= self.size:
+            if self.pos >= self.size:  # known from the first response
                 return 0
             try:
                 data = self.body.read(len(buf))
+                if not data:  # the connection closed early without an error (the end was handled above)
+                    raise ConnectionError(f"{self.url} ended at byte {self.pos} of {self.size}")
             except Exception as e:  # botocore's transient errors, or urllib3's on a cut connection
                 if not isinstance(e, TRANSIENT) and "urllib3" not in type(e).__module__:
                     raise
                 failures += 1
                 self._wait_or_raise(failures, e)
-                self._connect()
-                continue
-            if not data and self.pos < self.size:  # connection closed early without an error
-                failures += 1
-                self._wait_or_raise(failures, ConnectionError(f"{self.url} ended at byte {self.pos} of {self.size}"))
                 self._connect()
                 continue
             n = len(data)

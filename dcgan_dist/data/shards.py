@@ -139,8 +139,7 @@ def write_shard(index: int, records: list, first: int) -> dict:
         target.put_shard(tmp, info)
         return info
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _chunks(records: Iterator, size: int) -> Iterator[list]:

@@ -47,10 +47,10 @@ class Source:
         raise NotImplementedError
 
     @staticmethod
-    def _decode(data: bytes, resolution: int, mode: str = "RGB") -> Image.Image:
+    def _decode(data: bytes, resolution: int) -> Image.Image:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return resize_center_crop(im.convert(mode), resolution)
+            return resize_center_crop(im.convert("RGB"), resolution)
 
 
 class Digits(Source):
@@ -127,21 +127,21 @@ class Lsun(Source):
     name = "lsun"
 
     def __init__(self, path: str | Path):
-        import lmdb
-
         self.path = Path(path)
         if not (self.path / "data.mdb").is_file():
             raise DataError(f"{self.path} is not an LMDB directory (no data.mdb inside)")
-        with lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, max_readers=64) as env:
+        with self._open() as env:
             self.total = env.stat()["entries"]
 
-    def records(self):
+    def _open(self):
         import lmdb
 
-        with lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, max_readers=64) as env:
-            with env.begin(write=False) as txn:
-                for key, value in txn.cursor():
-                    yield key.decode("ascii", "replace"), bytes(value)
+        return lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, max_readers=64)
+
+    def records(self):
+        with self._open() as env, env.begin(write=False) as txn:
+            for key, value in txn.cursor():
+                yield key.decode("ascii", "replace"), bytes(value)
 
     def load(self, raw, resolution):
         return self._decode(raw, resolution), None

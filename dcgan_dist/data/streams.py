@@ -21,7 +21,7 @@ import torch
 
 from dcgan_dist.config import DataConfig
 from dcgan_dist.data import s3
-from dcgan_dist.data.loader import ShardSet, check_skips, decode_sample, shard_samples
+from dcgan_dist.data.loader import ShardSet, SkipLimit, decode_named
 from dcgan_dist.errors import DataError
 
 PREFETCH = 4  # batches assembled ahead by the reading thread
@@ -35,24 +35,20 @@ def positions_at(step: int, global_batch: int, streams: int) -> list[int]:
 
 class Stream:
     """One virtual stream: its shards, in a seeded order per epoch, samples in file order, from a position.
-    `read(url, count)` yields a shard's samples (loader.shard_samples with the run's limits)."""
+    `read(url, count)` yields a shard's samples (SkipLimit._samples: with the run's limits)."""
 
     def __init__(self, sid: int, urls: list[str], counts: list[int], seed: int, read):
         self.sid, self.urls, self.counts, self.seed, self.read = sid, urls, counts, seed, read
         self.epoch_len = sum(counts)
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.urls)))
-        random.Random(f"{self.seed}/{self.sid}/{epoch}").shuffle(order)
-        return order
 
     def samples(self, position: int) -> Iterator[tuple[int, dict]]:
         """(the position after it, sample) from `position` on, forever; a short shard's missing samples are
         skipped over, so positions count the manifest's samples."""
         epoch, offset = divmod(position, self.epoch_len)
         while True:
-            base = epoch * self.epoch_len
-            for i in self._order(epoch):
+            base, order = epoch * self.epoch_len, list(range(len(self.urls)))
+            random.Random(f"{self.seed}/{self.sid}/{epoch}").shuffle(order)
+            for i in order:
                 if offset < self.counts[i]:
                     for k, sample in enumerate(self.read(self.urls[i], self.counts[i])):
                         if k >= offset:
@@ -64,7 +60,7 @@ class Stream:
             epoch += 1
 
 
-class StreamBatches:
+class StreamBatches(SkipLimit):
     """This rank's part of every global batch, from the streams it hosts; iterates like loader.Batches.
 
     `keys` holds the sample keys of the last batch, `positions` every hosted stream's position after it.
@@ -82,19 +78,15 @@ class StreamBatches:
         if positions is not None and len(positions) != n_streams:
             raise DataError(f"the checkpoint holds {len(positions)} stream positions, data.streams is {n_streams}: "
                             "keep data.streams as the run started")
-        self.channels, self.resolution, self.limits = channels, resolution, limits
+        super().__init__(shards, limits)
+        self.channels, self.resolution = channels, resolution
         self.global_batch, self.rank, self.world, self.n_streams = global_batch, rank, world, n_streams
-        self.skipped = self.good = 0
-        counts, sha256s = shards.counts, shards.sha256s if limits.verify_sha256 else {}
-
-        def read(url: str, count: int) -> Iterator[dict]:
-            return shard_samples(url, self._skip, count, limits.max_sample_bytes, sha256s.get(url))
-
+        counts = shards.counts
         start = positions or positions_at(start_step - 1, global_batch, n_streams)
         self.hosted = {}
         for s in range(rank, n_streams, world):
             urls = shards.urls[s::n_streams]  # shard i belongs to stream i mod S
-            self.hosted[s] = Stream(s, urls, [counts[u] for u in urls], seed, read).samples(start[s])
+            self.hosted[s] = Stream(s, urls, [counts[u] for u in urls], seed, self._samples).samples(start[s])
         self._read_to = {s: start[s] for s in self.hosted}  # the reading thread's, ahead by the prefetched batches
         self.positions = dict(self._read_to)
         self.keys: list[str] = []
@@ -102,23 +94,16 @@ class StreamBatches:
         # A daemon: it blocks once PREFETCH batches wait, and ends with the process.
         threading.Thread(target=self._fill, args=(start_step,), name=f"streams-rank{rank}", daemon=True).start()
 
-    @property
-    def retries(self) -> int:
-        return s3.retries()
-
-    def _skip(self, what) -> bool:
-        self.skipped += 1
-        check_skips(self.skipped, self.good, self.limits.max_skip_fraction, what)
-        return True
+    retries = property(lambda self: s3.retries())
 
     def _take(self, stream: int) -> tuple[torch.Tensor, str]:
         """The stream's next readable sample."""
         for position, sample in self.hosted[stream]:
             self._read_to[stream] = position
             try:
-                image = decode_sample(sample, self.channels, self.resolution)
-            except Exception as e:
-                self._skip(f"sample {sample['__key__']} in {sample['__url__']}: {type(e).__name__}: {e}")
+                image = decode_named(sample, self.channels, self.resolution)
+            except DataError as e:
+                self._skip(e)
                 continue
             self.good += 1
             return image, sample["__key__"]
