@@ -11,7 +11,6 @@ import logging
 import re
 from dataclasses import dataclass
 
-import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -47,47 +46,33 @@ def score_generator(cfg: Config, generator, evaluator: Evaluator, device="cpu") 
     return evaluator.score([evaluator.payload(fake)], cfg.metrics.num_images)
 
 
-def parse_model_uri(uri: str) -> tuple[str, str, str]:
-    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (name, "alias" | "version", value)."""
+def resolve_version(tracking_uri: str, uri: str):
+    """The MLflow ModelVersion of `models:/NAME@ALIAS` or `models:/NAME/VERSION`, or an error naming the URI."""
     m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
     if not m:
         raise ConfigError(f"--model {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    return (m[1], "alias", m[2]) if m[2] else (m[1], "version", m[3])
-
-
-def resolve_version(tracking_uri: str, uri: str):
-    """The MLflow ModelVersion a `models:/` URI points at, or a TrackingError naming it."""
-    name, kind, value = parse_model_uri(uri)
     client = MlflowClient(tracking_uri)
     try:
-        if kind == "alias":
-            return client.get_model_version_by_alias(name, value)
-        return client.get_model_version(name, value)
+        return client.get_model_version_by_alias(m[1], m[2]) if m[2] else client.get_model_version(m[1], m[3])
     except MlflowException as e:
-        raise TrackingError(f"{uri}: no such registered model version in {tracking_uri} ({e.message.splitlines()[0]})") from None
-
-
-def load_registered(tracking_uri: str, name: str, version: str):
-    """The registered generator as a callable z -> images (a torch.export GraphModule, CPU)."""
-    mlflow.set_tracking_uri(tracking_uri)
-    model = tracking.load_generator(f"models:/{name}/{version}").generator
-    return lambda z: model(z.float().cpu())
+        raise TrackingError(f"{uri}: no such registered model version in {tracking_uri} "
+                            f"({e.message.splitlines()[0]})") from None
 
 
 def measure_version(cfg: Config, version: str, evaluator: Evaluator) -> tuple[dict[str, float], dict[str, Protocol]]:
     """Score registered version `version` of `tracking.model_name` with `evaluator`'s protocol."""
     log.info("measuring %s version %s on %s", cfg.tracking.model_name, version, cfg.data.url)
+    model = tracking.load_generator(f"models:/{cfg.tracking.model_name}/{version}", cfg.tracking.uri).generator
     with torch.no_grad():
-        return score_generator(cfg, load_registered(cfg.tracking.uri, cfg.tracking.model_name, version), evaluator)
+        return score_generator(cfg, lambda z: model(z.float().cpu()), evaluator)
 
 
 def measurer(cfg: Config, evaluator: Evaluator | None = None):
     """`measure(version) -> (values, {metric: protocol key})` for the champion rule; the evaluator is built on first use."""
-    made = [evaluator]
-
     def measure(version: str) -> tuple[dict[str, float], dict[str, str]]:
-        made[0] = made[0] or make_evaluator(cfg)
-        values, protocols = measure_version(cfg, version, made[0])
+        nonlocal evaluator
+        evaluator = evaluator or make_evaluator(cfg)
+        values, protocols = measure_version(cfg, version, evaluator)
         return values, {k: p.key for k, p in protocols.items()}
 
     return measure
@@ -106,8 +91,7 @@ class EvalOutcome:
 def evaluate_registered(cfg: Config, model_uri: str, data_url: str | None = None) -> EvalOutcome:
     """Score a registered generator; log the numbers with their protocols to MLflow and on the version."""
     mv = resolve_version(cfg.tracking.uri, model_uri)
-    client = MlflowClient(cfg.tracking.uri)
-    trained = client.get_run(mv.run_id).data.params  # the model's shape and data, as it was trained
+    trained = MlflowClient(cfg.tracking.uri).get_run(mv.run_id).data.params  # the model's shape and data
     for key in ("model.nz", "model.resolution", "model.nc"):
         if key in trained:
             set_key(cfg, key, trained[key])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from torchvision.utils import save_image
@@ -14,14 +13,6 @@ from dcgan_dist.errors import ConfigError
 from dcgan_dist.evaluation import resolve_version
 from dcgan_dist.experiments.latent_walk import paths, slerp
 from dcgan_dist.models import generate, latents
-
-
-def load(tracking_uri: str, model_uri: str):
-    """(model with `.generator` and `.nz`, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`; an unknown
-    model, alias or version is a TrackingError naming the URI."""
-    mv = resolve_version(tracking_uri, model_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    return tracking.load_generator(f"models:/{mv.name}/{mv.version}"), str(mv.version)
 
 
 def latent_rows(nz: int, n: int, seed: int, interpolate: int = 0) -> torch.Tensor:
@@ -47,7 +38,9 @@ def write(images: torch.Tensor, out: str | Path | None, npz: str | Path | None, 
 
 
 def sample(tracking_uri: str, model_uri: str, n: int, seed: int, interpolate: int = 0):
-    """(images, version): G's samples for `latent_rows(...)`; the same seed gives the same images."""
-    model, version = load(tracking_uri, model_uri)
+    """(images, version): G's samples for `latent_rows(...)`; the same seed gives the same images. An unknown model,
+    alias or version is a TrackingError naming the URI."""
+    mv = resolve_version(tracking_uri, model_uri)
+    model = tracking.load_generator(f"models:/{mv.name}/{mv.version}", tracking_uri)
     z = latent_rows(model.nz, n, seed, interpolate)
-    return generate(model.generator, z, batch_size=256), version
+    return generate(model.generator, z, batch_size=256), str(mv.version)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from itertools import islice
 from pathlib import Path
 
 import matplotlib
@@ -12,19 +12,18 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures go to files
 import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
 from dcgan_dist import tracking  # noqa: E402
 from dcgan_dist.config import Config  # noqa: E402
-from dcgan_dist.data.loader import decode_sample, resolve_shards  # noqa: E402
+from dcgan_dist.data.loader import decode_sample, resolve_shards, shard_samples  # noqa: E402
 from dcgan_dist.errors import ConfigError, DataError  # noqa: E402
 from dcgan_dist.networks import Networks  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def parse_indices(text: str, what: str, limit: int | None = None) -> list[int]:
+def parse_indices(text: str, what: str, limit: int) -> list[int]:
     """'3,7,12' -> [3, 7, 12]; a bad entry or one out of range is a ConfigError naming `what`."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -32,9 +31,9 @@ def parse_indices(text: str, what: str, limit: int | None = None) -> list[int]:
         raise ConfigError(f"{what}: expected comma-separated integers, got {text!r}") from None
     if not values:
         raise ConfigError(f"{what}: no indices given")
-    bad = [v for v in values if v < 0 or (limit is not None and v >= limit)]
+    bad = [v for v in values if not 0 <= v < limit]
     if bad:
-        raise ConfigError(f"{what}: index {bad[0]} out of range 0..{limit - 1 if limit else 'inf'}")
+        raise ConfigError(f"{what}: index {bad[0]} out of range 0..{limit - 1}")
     return values
 
 
@@ -44,10 +43,6 @@ def read_labeled(url: str, n: int, *, channels: int, resolution: int) -> tuple[t
     Shards built from labeled sources (digits, cifar10, a folder of class subfolders) carry `cls`.
     A broken shard is logged and skipped (shard_samples: webdataset's tar stages, one shard at a time).
     """
-    from itertools import islice
-
-    from dcgan_dist.data.loader import shard_samples
-
     images, labels = [], []
     samples = (sample for shard in resolve_shards(url).urls for sample in shard_samples(shard))
     for sample in islice(samples, n):
@@ -89,8 +84,7 @@ class ExperimentRun:
     def __init__(self, cfg: Config, nets: Networks, name: str, folder: str | Path, params: dict):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.uri = cfg.tracking.uri
-        self.client = MlflowClient(self.uri)
+        self.cfg, self.client = cfg, MlflowClient(cfg.tracking.uri)
         self.run_id = tracking.create_run(cfg, f"{name}-{nets.name}-v{nets.version}",
                                           {"dcgan.experiment": name, "dcgan.evaluates": nets.uri,
                                            "dcgan.model_step": str(nets.step)}, params)
@@ -99,10 +93,10 @@ class ExperimentRun:
         self.client.log_artifact(self.run_id, str(path))
         return path
 
-    def images(self, filename: str, images: torch.Tensor, nrow: int, padding: int = 2) -> Path:
+    def images(self, filename: str, images: torch.Tensor, nrow: int) -> Path:
         """A grid of images in [-1, 1], row-major, `nrow` per row."""
         path = self.folder / filename
-        save_image(images.float().clamp(-1, 1), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=padding)
+        save_image(images.float().clamp(-1, 1), path, nrow=nrow, normalize=True, value_range=(-1, 1))
         return self._log(path)
 
     def picture(self, filename: str, image) -> Path:
@@ -131,8 +125,7 @@ class ExperimentRun:
         return self.file(filename, json.dumps(obj, indent=2, sort_keys=True))
 
     def metrics(self, values: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+        tracking.log_values(self.cfg, self.run_id, values, step=0)
 
     def finish(self, summary: str) -> str:
         self.file("summary.txt", summary.rstrip() + "\n")
@@ -144,7 +137,7 @@ class ExperimentRun:
 
     def discard(self) -> None:
         """Bad input, nothing measured: delete the run, and the output folder if nothing is in it."""
-        self.client.set_terminated(self.run_id, "FAILED")
+        self.fail()
         self.client.delete_run(self.run_id)
         if self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()

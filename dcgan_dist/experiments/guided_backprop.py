@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid
 
+from dcgan_dist.data.loader import read_sample, resolve_shards, to_model_input
 from dcgan_dist.errors import ConfigError, DataError
 from dcgan_dist.experiments.common import parse_indices
 
@@ -101,8 +102,6 @@ def _panel(ax, grads: torch.Tensor, features: list[int], title: str) -> None:
 
 def run(args, nets, out) -> str:
     import matplotlib.pyplot as plt
-
-    from dcgan_dist.data.loader import read_sample, resolve_shards, to_model_input
 
     if args.top < 1 or args.num_features < 1 or args.max_images < 1:
         raise ConfigError("--top, --num-features and --max-images must be >= 1")

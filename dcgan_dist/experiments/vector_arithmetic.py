@@ -49,16 +49,15 @@ def run(args, nets, out) -> str:
     y = arithmetic(z, a, b, c)
     noise = (torch.rand(args.neighbours, z.shape[1], generator=torch.Generator().manual_seed(args.seed + 1)) * 2 - 1)
     result = generate(nets.g, torch.cat([y[None], y[None] + args.scale * noise]))
-    pixels = samples[a].mean(0) - samples[b].mean(0) + samples[c].mean(0)
+    pixels = arithmetic(samples, a, b, c)  # the same sum on pixels: the contrast the figure shows
 
     # One figure, one row each: a's samples, b's, c's (padded to the same width), then G(y) with its
     # neighbourhood, then the pixel-space sum for comparison.
     width = max(len(a), len(b), len(c), 1 + args.neighbours)
     blank = torch.full_like(samples[:1], -1)
-    rows = [torch.cat([samples[idx], blank.expand(width - len(idx), -1, -1, -1)]) for idx in (a, b, c)]
-    rows.append(torch.cat([result, blank.expand(width - len(result), -1, -1, -1)]))
-    rows.append(torch.cat([pixels.clamp(-1, 1)[None], blank.expand(width - 1, -1, -1, -1)]))
-    out.images("arithmetic.png", torch.cat(rows), nrow=width)
+    rows = [samples[a], samples[b], samples[c], result, pixels.clamp(-1, 1)[None]]
+    padded = [torch.cat([row, blank.expand(width - len(row), -1, -1, -1)]) for row in rows]
+    out.images("arithmetic.png", torch.cat(padded), nrow=width)
     out.json("inputs.json", {"model": nets.uri, "seed": args.seed, "num": args.num, "a": a, "b": b, "c": c,
                              "scale": args.scale, "neighbours": args.neighbours, "z_result": y.tolist(),
                              "rows": ["a", "b", "c", "G(mean a - mean b + mean c) + neighbourhood", "pixel sum"]})

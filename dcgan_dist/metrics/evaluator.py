@@ -98,12 +98,9 @@ class Evaluator:
             self._load_real()
 
     # --- the real side, cached per data fingerprint ---
-    def _cache_path(self, what: str) -> Path:
-        root = Path(self.cfg.cache_dir).expanduser()
-        return root / f"real-{self.shards.fingerprint[:16]}-{self.resolution}px-n{self.cfg.num_images}-{what}.npy"
-
     def _cached(self, what: str, compute) -> np.ndarray:
-        path = self._cache_path(what)
+        name = f"real-{self.shards.fingerprint[:16]}-{self.resolution}px-n{self.cfg.num_images}-{what}.npy"
+        path = Path(self.cfg.cache_dir).expanduser() / name
         if path.is_file():
             try:
                 arr = np.load(path, allow_pickle=False)

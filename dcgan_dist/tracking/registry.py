@@ -28,9 +28,8 @@ def log_generator(cfg: Config, run_id: str, generator: torch.nn.Module, step: in
     """Log G as an MLflow pyfunc (`generator_model.py`, a torch.export program inside) and register it as a new
     version, tagged with its scores.
 
-    Tags: `step`, the run name, and for each metric `metric.NAME` (value) and `protocol.NAME` (how it
-    was measured). Whether it becomes `champion` is `champion.promote_if_better`'s call. Re-running a
-    finished run does not register the same step twice: the existing version is returned.
+    Tags: `step`, the run name, and for each metric `metric.NAME` (value) and `protocol.NAME` (how it was
+    measured). Re-running a finished run does not register the same step twice: it returns the existing version.
     """
     client = MlflowClient(cfg.tracking.uri)
     name = cfg.tracking.model_name
@@ -43,7 +42,6 @@ def log_generator(cfg: Config, run_id: str, generator: torch.nn.Module, step: in
     z = latents(4, cfg.model.nz, seed=0)
     with torch.no_grad():
         out = generator(z)
-    torch_req = torch.__version__.split("+")[0]
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.model.nz))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
@@ -57,7 +55,7 @@ def log_generator(cfg: Config, run_id: str, generator: torch.nn.Module, step: in
             model_config={"nz": cfg.model.nz},
             input_example=z.numpy(),
             signature=signature,
-            pip_requirements=[f"torch=={torch_req}", "numpy", f"mlflow=={mlflow.__version__}"],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"],
             registered_model_name=name,
             step=step,
         )
@@ -77,8 +75,10 @@ def tag_scores(cfg: Config, version: str, scores: dict[str, float], protocols: d
             client.set_model_version_tag(cfg.tracking.model_name, version, f"protocol.{metric}", key)
 
 
-def load_generator(model_uri: str):
+def load_generator(model_uri: str, tracking_uri: str | None = None):
     """The registered generator for code that needs tensors (evaluation, sampling, the experiments): an object with
-    `.generator` (a torch module z -> images, CPU) and `.nz`. `models:/` URIs resolve through the process's
-    tracking URI."""
+    `.generator` (a torch module z -> images, CPU) and `.nz`. `models:/` URIs resolve through `tracking_uri`, which
+    becomes the process's tracking URI (default: the one already set)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()

@@ -22,15 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    """Rank 0's handle on the run: buffered metrics, sample grids, protocol tags.
-
-    Everything goes out through one background sender, in order, so a slow or unreachable MLflow
-    server never stalls or crashes training: while it is down, items are held (the oldest metric
-    batches are dropped beyond `max_held` values, with a warning) and retried every `retry_s`;
-    `close` waits up to `close_timeout_s` for the rest and warns about anything undelivered.
-    Held metrics also travel in every checkpoint (`held`, `HELD_FILE`), so a rank 0 that dies with
-    them does not lose them: its successor, or the driver at the end, sends them (`resend`, `deliver_held`).
-    Delivery is in step order and skips steps the run already has, so each step lands exactly once.
+    """One background sender delivers everything in order (the module doc says why). While MLflow is down, items
+    are held (beyond `max_held` metric values the oldest batches are dropped, with a warning) and retried every
+    `retry_s`; `close` waits up to `close_timeout_s` for the rest and warns about anything undelivered.
+    Held metrics also travel in every checkpoint (`held`, `HELD_FILE`), so a rank 0 that dies with them does not
+    lose them: its successor, or the driver at the end, sends them (`resend`, `deliver_held`). Delivery is in
+    step order and skips steps the run already has, so each step lands exactly once.
     """
 
     def __init__(self, uri: str, run_id: str, *, max_held: int = 200_000, retry_s: float = 5.0,
@@ -63,10 +60,8 @@ class RunLogger:
     def _enqueue(self, metrics: list[Metric], send: Callable[[], None]) -> None:
         with self._cond:
             self._outbox.append((metrics, send))
-            held = sum(len(m) for m, _ in self._outbox)
-            while held > self.max_held and any(m for m, _ in self._outbox):
+            while sum(len(m) for m, _ in self._outbox) > self.max_held:  # over the limit: drop the oldest batch
                 oldest = next(i for i, (m, _) in enumerate(self._outbox) if m)
-                held -= len(self._outbox[oldest][0])
                 self.dropped += len(self._outbox[oldest][0])
                 del self._outbox[oldest]
                 log.warning("MLflow at %s unreachable: %d metric values dropped so far (over %d held)",

@@ -50,7 +50,7 @@ def log_search_summary(cfg: Config, run_id: str, rows: list[dict], metric: str, 
     tag_run(cfg, run_id, {"best_trial": best["trial"], "best_step": str(best["step"]),
                           "registered_version": str(version or "")})
 
-    params = [c for c in table.columns if "." in c and c not in ("trial",)]
+    params = [c for c in table.columns if "." in c]  # the hyperparameters: "train.lr_g", ...
     fig, axes = plt.subplots(1, max(len(params), 1), figsize=(3.2 * max(len(params), 1), 3.2), squeeze=False)
     for ax, p in zip(axes[0], params):
         x = table[p]
