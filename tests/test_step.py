@@ -167,7 +167,7 @@ def test_bad_precision_and_compression_are_named():
 
     with pytest.raises(ConfigError, match="train.precision: must be one of auto, fp32, bf16, fp16, got 'fp8'"):
         load_config(overrides=["train.precision=fp8"])
-    with pytest.raises(ConfigError, match="ray.grad_compression: must be none, bf16 or fp16"):
+    with pytest.raises(ConfigError, match="ray.grad_compression: must be one of none, bf16, fp16, got 'int8'"):
         load_config(overrides=["ray.grad_compression=int8"])
 
 
