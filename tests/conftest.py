@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Test traffic stays on loopback and the bed's own hosts: no usage reports from MLflow or Ray (MLflow's would
-# otherwise go to config.mlflow-telemetry.io from every process that imports it; the hosts inherit this).
+# otherwise reach out to config.mlflow-telemetry.io from the processes that use MLflow; the hosts inherit this).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The test "nodes" hold S3 credentials the way an instance profile gives them: in their environment from the
