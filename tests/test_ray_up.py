@@ -98,10 +98,12 @@ def launched():
             laptop = Laptop(bed)
             s3_url = start_s3(bed["services"])
             head, workers = bed["head"], [bed["worker-1"], bed["worker-2"], bed["worker-3"]]
-            # What each machine's administrator set up: S3 settings (an on-premises store, keys in ~/.aws) and
-            # MLflow's Host-header allowance for this network (198.18/15 is not a private range it knows).
+            # What each machine's administrator set up: S3 settings (an on-premises store, keys in ~/.aws),
+            # MLflow's Host-header allowance for this network (198.18/15 is not a private range it knows), and no
+            # usage reports from MLflow or Ray (README "Browse results").
             bashrc = {"AWS_ENDPOINT_URL_S3": s3_url, "AWS_DEFAULT_REGION": "us-east-1",
-                      "MLFLOW_SERVER_ALLOWED_HOSTS": "'localhost:*,127.0.0.1:*,198.18.*'"}
+                      "MLFLOW_SERVER_ALLOWED_HOSTS": "'localhost:*,127.0.0.1:*,198.18.*'",
+                      "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
             for host in (head, *workers):
                 bed_ssh.make_machine(host, laptop.key.with_suffix(".pub"), bashrc)
                 (host.home / ".aws").mkdir()

@@ -27,44 +27,79 @@ def history(client, run_id, key):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
-def test_two_worker_run_tracks_registers_and_a_rerun_extends_it(local_ray, tmp_path, digits_dir):
-    """2 DDP ranks with DataLoader worker processes: MLflow run, metrics, grids, a registered champion; the same
-    run name again with more steps continues that run from its checkpoint instead of starting over."""
-    base = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "e2e", "train.steps": 8, "data.num_workers": 1,
-                                                   "train.check_replicas": "true"})
+def test_two_worker_run_with_the_fast_options_tracks_registers_the_best_checkpoint_and_a_rerun_extends_it(
+        local_ray, tmp_path, digits_dir):
+    """2 DDP ranks with DataLoader worker processes, bf16 autocast, fused Adam, small DDP buckets, bf16-compressed
+    gradients (gloo), a generator EMA and evaluations: ranks stay identical; MLflow run, metrics, grids, allreduce
+    times; the best scored checkpoint registered with its model card as champion. The same run name again with
+    more steps (and train.precision=auto) continues that run from its checkpoint instead of starting over."""
+    base = tiny_overrides(tmp_path, digits_dir, **{
+        "train.run_name": "e2e", "train.steps": 8, "data.num_workers": 1, "train.eval_every": 4,
+        "train.ema_decay": 0.9, "train.precision": "bf16", "train.fused_adam": "true", "ray.ddp_bucket_mb": 1,
+        "ray.grad_compression": "bf16", "train.check_replicas": "true"})
     cfg = load_config(overrides=base)
     out = train(cfg)
     assert out.step == 8 and out.model_version == "1"
     digests = out.metrics["g_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1]  # DDP kept G identical on both ranks
+    assert len(digests) == 2 and digests[0] == digests[1]  # compressed allreduce: both ranks get the same mean
 
     client = MlflowClient(cfg.tracking.uri)
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == "8" and run.data.params["model.ngf"] == "8"
     assert run.data.params["model.nc"] == "1"  # resolved from the manifest before logging
-    assert run.data.params["train.precision"] == "auto"
-    assert run.data.tags["precision"] == resolve_precision("auto", torch.device("cpu"))  # what auto became
-    for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s"):
+    assert run.data.tags["precision"] == "bf16"
+    for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "allreduce_ms"):
         assert history(client, out.run_id, key) == [2, 4, 6, 8], key
     assert run.data.metrics["images_per_s"] > 0 and run.data.metrics["data_skipped"] == 0
+    # allreduce time per step, measured by the comm hook on every rank: buckets from G and D (at least one
+    # each), and inside the step's time
+    assert out.metrics["allreduce_buckets"] >= 2
+    assert 0 < out.metrics["allreduce_ms"] < 1e3 * cfg.train.batch_size * 2 / out.metrics["images_per_s"]
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
     assert "config.yaml" in artifacts
     samples = {a.path for a in client.list_artifacts(out.run_id, "samples")}
     assert samples == {"samples/step_000006.png", "samples/step_000008.png"}
 
+    swd = {m.step: m.value for m in client.get_metric_history(out.run_id, "swd")}
+    assert sorted(swd) == [4, 8]  # every eval_every steps and at the end
+    assert {m.step for m in client.get_metric_history(out.run_id, "swd_16")} == {4, 8}
+    best_step = min(swd, key=swd.get)
+    assert out.best_step == best_step and out.best_scores["swd"] == pytest.approx(swd[best_step])
+    mv = client.get_model_version(cfg.tracking.model_name, out.model_version)
+    assert mv.tags["step"] == str(best_step) and float(mv.tags["metric.swd"]) == pytest.approx(swd[best_step])
+    protocol = client.get_run(out.run_id).data.tags["protocol.swd"]
+    assert mv.tags["protocol.swd"] == protocol and '"num_fake": 128' in protocol
+    assert out.champion  # the first version in this registry
+    # The model card: the data by its manifest sha256, the scores with their protocol, the sample grid artifact.
+    from dcgan_dist.data.loader import resolve_shards
+
+    card, grid = mv.description, mv.tags["card.grid"]
+    assert f"manifest sha256: `{resolve_shards(cfg.data.url).fingerprint}`" in card
+    assert f"swd: {swd[best_step]:.4f} (protocol `{protocol}`)" in card and f"steps: {best_step}," in card
+    assert "`train.ema_decay` = `0.9`" in card and f"artifact `{grid}`" in card
+    assert grid in {a.path for a in client.list_artifacts(out.run_id, "model_card")}
+
+    # The registered (EMA) generator scores what training measured for that step (same noise, same protocol),
+    # and serves images through MLflow's pyfunc.
+    from dcgan_dist import evaluation
+    from dcgan_dist.trainer import prepare_inputs
+
+    measured = evaluation.measurer(prepare_inputs(load_config(overrides=base)))(out.model_version)
+    assert measured[0]["swd"] == pytest.approx(swd[best_step], rel=1e-3)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model = mlflow.pyfunc.load_model("models:/dcgan-generator@champion")
     images = model.predict(np.random.default_rng(0).standard_normal((5, 100)).astype(np.float32))
     assert images.shape == (5, 1, 32, 32)
     assert images.min() >= -1 and images.max() <= 1 and images.std() > 0
 
-    longer = train(load_config(overrides=base + ["train.steps=12"]))
+    longer = train(load_config(overrides=base + ["train.steps=12", "train.precision=auto"]))
     assert longer.run_id == out.run_id  # the same MLflow run continues
     assert longer.metrics["start_step"] == 9 and longer.step == 12
     assert history(client, out.run_id, "loss_g") == [2, 4, 6, 8, 10, 12]  # nothing logged twice
-    # Registered: the better-scoring of the kept checkpoints; step 8's generator is not registered twice.
-    assert longer.model_version == ("1" if longer.best_step == 8 else "2")
+    assert client.get_run(out.run_id).data.tags["precision"] == resolve_precision("auto", torch.device("cpu"))
+    # Registered: the best-scoring of the kept checkpoints; a step already registered is not registered twice.
+    assert longer.model_version == ("1" if longer.best_step == best_step else "2")
     assert client.get_run(out.run_id).info.status == "FINISHED"
 
 
@@ -169,51 +204,3 @@ def test_a_second_job_on_a_busy_run_name_is_refused_and_sigterm_stops_the_first_
     run_id = find_run(cfg, "stopped")
     assert client.get_run(run_id).info.status == "KILLED"
     assert history(client, run_id, "loss_d") == list(range(2, step + 1, 2))
-
-
-def test_fast_options_and_ema_train_in_sync_and_register_the_best_scored_checkpoint(local_ray, tmp_path, digits_dir):
-    """bf16 autocast, fused Adam, small DDP buckets and bf16-compressed gradients (gloo) across 2 ranks, with a
-    generator EMA and evaluations: ranks stay identical, allreduce time is measured, the best step is registered."""
-    overrides = tiny_overrides(tmp_path, digits_dir, **{
-        "train.run_name": "scored", "train.eval_every": 4, "train.checkpoint_every": 6, "train.ema_decay": 0.9,
-        "ray.keep_checkpoints": 1, "train.precision": "bf16", "train.fused_adam": "true", "ray.ddp_bucket_mb": 1,
-        "ray.grad_compression": "bf16", "train.check_replicas": "true"})
-    cfg = load_config(overrides=overrides)
-    out = train(cfg)
-    digests = out.metrics["g_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1]  # compressed allreduce: both ranks get the same mean
-    client = MlflowClient(cfg.tracking.uri)
-    assert client.get_run(out.run_id).data.tags["precision"] == "bf16"
-    # allreduce time per step, measured by the comm hook on every rank: logged with the other metrics,
-    # buckets from G and D (at least one each), and inside the step's time
-    assert history(client, out.run_id, "allreduce_ms") == [2, 4, 6, 8, 10, 12]
-    assert out.metrics["allreduce_buckets"] >= 2
-    step_ms = 1e3 * cfg.train.batch_size * 2 / out.metrics["images_per_s"]
-    assert 0 < out.metrics["allreduce_ms"] < step_ms
-
-    swd = {m.step: m.value for m in client.get_metric_history(out.run_id, "swd")}
-    assert sorted(swd) == [4, 8, 12]  # every eval_every steps and at the end
-    assert {m.step for m in client.get_metric_history(out.run_id, "swd_16")} == {4, 8, 12}
-    best_step = min(swd, key=swd.get)
-    assert out.best_step == best_step and out.best_scores["swd"] == pytest.approx(swd[best_step])
-
-    mv = client.get_model_version(cfg.tracking.model_name, out.model_version)
-    assert mv.tags["step"] == str(best_step) and float(mv.tags["metric.swd"]) == pytest.approx(swd[best_step])
-    protocol = client.get_run(out.run_id).data.tags["protocol.swd"]
-    assert mv.tags["protocol.swd"] == protocol and '"num_fake": 128' in protocol
-    assert out.champion  # the first version in this registry
-    # The model card: the data by its manifest sha256, the scores with their protocol, the sample grid artifact.
-    from dcgan_dist.data.loader import resolve_shards
-
-    card, grid = mv.description, mv.tags["card.grid"]
-    assert f"manifest sha256: `{resolve_shards(cfg.data.url).fingerprint}`" in card
-    assert f"swd: {swd[best_step]:.4f} (protocol `{protocol}`)" in card and f"steps: {best_step}," in card
-    assert "`train.ema_decay` = `0.9`" in card and f"artifact `{grid}`" in card
-    assert grid in {a.path for a in client.list_artifacts(out.run_id, "model_card")}
-
-    # The registered (EMA) generator scores what training measured for that step (same noise, same protocol).
-    from dcgan_dist import evaluation
-    from dcgan_dist.trainer import prepare_inputs
-
-    measured = evaluation.measurer(prepare_inputs(load_config(overrides=overrides)))(out.model_version)
-    assert measured[0]["swd"] == pytest.approx(swd[best_step], rel=1e-3)
