@@ -49,6 +49,7 @@ def main() -> int:
     rp.add_argument("--batch", type=int, default=64)
     rp.add_argument("--resolution", type=int, default=32)
     rp.add_argument("--log-every", type=int, default=25, help="training's images/s window")
+    rp.add_argument("--workdir", help="keep the run's MLflow store and checkpoints here (default: a temporary folder)")
     rp.add_argument("--json", help="write the rows to this file")
     sp = sub.add_parser("scaling", help="compute and allreduce time per step, and the predicted scaling table")
     sp.add_argument("--resolution", type=int, default=64)
@@ -83,7 +84,8 @@ def main() -> int:
         print_table(rows)
         return 0
     elif args.what == "ray-overhead":
-        rows = ray_overhead.bench_ray_overhead(args.steps, args.batch, args.resolution, args.log_every)
+        rows = ray_overhead.bench_ray_overhead(args.steps, args.batch, args.resolution, args.log_every,
+                                               args.workdir)
     else:
         result = data.bench_data(args.images, args.resolution, args.encodings, args.workdir)
         print_table(result["stream"])

@@ -239,7 +239,12 @@ def test_scaling_benchmark_measures_and_models(tmp_path):
 
 
 def test_ray_overhead_benchmark_reports_startup_and_steady_state(local_ray, tmp_path, monkeypatch):
-    """The training subprocesses join the session's Ray (RAY_ADDRESS) instead of starting one each."""
+    """The training subprocess joins the session's Ray (RAY_ADDRESS) instead of starting its own; its MLflow store
+    and checkpoints leave nothing behind in the temp folder."""
+    import tempfile
+    from pathlib import Path
+
+    left = set(Path(tempfile.gettempdir()).glob("dcgan-bench-ray-*"))
     monkeypatch.setenv("RAY_ADDRESS", local_ray)
     out = tmp_path / "ray.json"
     r = run_job("benchmark.py", "ray-overhead", "--steps", "4", "--log-every", "2", "--batch", "16",
@@ -251,3 +256,4 @@ def test_ray_overhead_benchmark_reports_startup_and_steady_state(local_ray, tmp_
     assert steady["ratio_ray_vs_plain"] == pytest.approx(steady["ray_images_per_s"] / steady["plain_images_per_s"],
                                                          rel=0.01)
     assert (tmp_path / "data" / "digits-32" / "manifest.json").exists()
+    assert set(Path(tempfile.gettempdir()).glob("dcgan-bench-ray-*")) == left

@@ -91,7 +91,10 @@ def bench_data(images: int = 2000, resolution: int = 64, encodings=("jpg", "raw"
     from synthetic import write_lsun_lmdb
     from servers import MotoServer, client_env
 
-    work = workdir or tempfile.mkdtemp(prefix="dcgan-bench-")
+    if workdir is None:  # the generated LMDB and shards go when the numbers are out
+        with tempfile.TemporaryDirectory(prefix="dcgan-bench-") as tmp:
+            return bench_data(images, resolution, encodings, tmp)
+    work = workdir
     db = os.path.join(work, "lmdb")
     if not os.path.exists(db):
         write_lsun_lmdb(db, images, size=(256, 340))  # LSUN bedrooms: short side 256

@@ -45,7 +45,10 @@ def bench_ray_overhead(steps: int = 300, batch: int = 64, resolution: int = 32, 
     from dcgan_dist import tracking
     from dcgan_dist.trainer import prepare_inputs
 
-    work = Path(workdir or tempfile.mkdtemp(prefix="dcgan-bench-ray-"))
+    if workdir is None:  # the run's MLflow store and checkpoints go when the numbers are out
+        with tempfile.TemporaryDirectory(prefix="dcgan-bench-ray-") as tmp:
+            return bench_ray_overhead(steps, batch, resolution, log_every, tmp)
+    work = Path(workdir)
     cpus = os.cpu_count() or 1
     base = [f"model.resolution={resolution}", f"train.batch_size={batch}", "ray.num_workers=1",
             f"ray.cpus_per_worker={cpus}", "train.eval_every=0", "train.sample_every=0", "tracking.register=false",
