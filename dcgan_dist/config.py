@@ -50,19 +50,19 @@ def one_of(*options) -> tuple:
     return lambda v: v in options, f"must be one of {', '.join(map(str, options))}"
 
 
-def fraction(upper_included: bool = True) -> tuple:
-    if upper_included:
-        return lambda v: 0 <= v <= 1, "must be in [0, 1]"
-    return lambda v: 0 <= v < 1, "must be in [0, 1)"
+FRACTION = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+BELOW_ONE = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def matches(pattern: re.Pattern, rule: str, empty_ok: bool = False) -> tuple:
+    return lambda v: (empty_ok and not v) or bool(pattern.fullmatch(v)), rule
 
 
 # Names end up in MLflow filter strings ('...') and in paths: letters, digits and . _ - only (experiments may
 # also hold spaces and "/", as MLflow's own /Users/... names do).
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9/][A-Za-z0-9 ._/-]{0,254}")
-A_NAME = (lambda v: bool(RUN_NAME.fullmatch(v)),
-          "must start with a letter or digit and hold only letters, digits and . _ - (at most 128)")
-AN_EXPERIMENT = (lambda v: bool(EXPERIMENT_NAME.fullmatch(v)), "must be a name of letters, digits, spaces and . _ / -")
+NAME_RULE = "must start with a letter or digit and hold only letters, digits and . _ - (at most 128)"
 
 
 @dataclass
@@ -84,7 +84,7 @@ class DataConfig:
     num_workers: int = doc("DataLoader worker processes per training rank (decode happens there)", 1, at_least(0))
     shuffle_buffer: int = doc("samples held in each stream's shuffle buffer", 1000, at_least(1))
     max_skip_fraction: float = doc("stop with an error when more than this fraction of samples is unreadable "
-                                   "(the first 100 are always tolerated)", 0.05, fraction())
+                                   "(the first 100 are always tolerated)", 0.05, FRACTION)
     max_bad_shards: int = doc("stop with an error after this many shards in a row without a usable image", 16,
                               at_least(1))
     max_sample_bytes: int = doc("largest tar member read; a bigger one ends its shard unread", 16 << 20, at_least(1024))
@@ -103,8 +103,8 @@ class TrainConfig:
                           at_least(2, " (batch norm needs more than one sample)"))
     lr_g: float = doc("generator Adam learning rate", 2e-4, POSITIVE)
     lr_d: float = doc("discriminator Adam learning rate", 2e-4, POSITIVE)
-    beta1: float = doc("Adam beta1 (the paper uses 0.5)", 0.5, fraction(False))
-    beta2: float = doc("Adam beta2", 0.999, fraction(False))
+    beta1: float = doc("Adam beta1 (the paper uses 0.5)", 0.5, BELOW_ONE)
+    beta2: float = doc("Adam beta2", 0.999, BELOW_ONE)
     seed: int = doc("seed for weights, noise and data order", 0)
     log_every: int = doc("steps between metric reports", 10, POSITIVE)
     checkpoint_every: int = doc("steps between checkpoints (metrics reach MLflow with each checkpoint)", 100, POSITIVE)
@@ -114,7 +114,7 @@ class TrainConfig:
                              60.0, at_least(3))
     sample_every: int = doc("steps between 8x8 sample grids (0 = only at the end)", 100, at_least(0))
     run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "",
-                        (lambda v: not v or A_NAME[0](v), A_NAME[1]))
+                        matches(RUN_NAME, NAME_RULE, empty_ok=True))
     sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics (GPU only)", False)
     channels_last: bool = doc("NHWC memory layout for G, D and batches (1.3x faster convolutions on CPU)", True)
     precision: str = doc("auto (bf16 where the hardware has it natively, else fp32), fp32, bf16 (autocast) or fp16 "
@@ -124,7 +124,7 @@ class TrainConfig:
                        "falls back to eager where compilation fails", "none", one_of(*COMPILE_MODES))
     eval_every: int = doc("steps between quality evaluations, each also a checkpoint (0 = never)", 100, at_least(0))
     ema_decay: float = doc("generator weight EMA decay, evaluated and exported when on (0 = off; 0.999 typical)", 0.0,
-                           fraction(False))
+                           BELOW_ONE)
     check_replicas: bool = doc("at every checkpoint, every rank hashes G and reports it (g_digests): equal hashes "
                                "prove DDP kept the replicas identical", False)
     key_log: str = doc("folder where every rank writes the sample keys of each step (checks data order; needs "
@@ -166,8 +166,10 @@ class RayConfig:
 @dataclass
 class TrackingConfig:
     uri: str = doc("MLflow tracking URI (sqlite:///file.db, http://host:5000, ...)", "sqlite:///mlflow.db", NOT_EMPTY)
-    experiment: str = doc("MLflow experiment name", "dcgan", AN_EXPERIMENT)
-    model_name: str = doc("registered model name for the trained generator", "dcgan-generator", A_NAME)
+    experiment: str = doc("MLflow experiment name", "dcgan",
+                          matches(EXPERIMENT_NAME, "must be a name of letters, digits, spaces and . _ / -"))
+    model_name: str = doc("registered model name for the trained generator", "dcgan-generator",
+                          matches(RUN_NAME, NAME_RULE))
     register: bool = doc("log and register the generator at the end of training", True)
 
 
@@ -359,10 +361,10 @@ def validate(cfg: Config) -> Config:
     """Fill preset-derived values, then check every key and the rules between keys, so what gets logged is what
     ran."""
     m, d, t, r, tc = cfg.model, cfg.data, cfg.train, cfg.ray, cfg.tune
-    _check(m.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}, got {m.preset!r}")
+    preset = PRESETS.get(m.preset, {})  # an unknown one is named by model.preset's own check
     for name in ("ngf", "ndf", "kernel"):
         if getattr(m, name) == 0:
-            setattr(m, name, PRESETS[m.preset][name])
+            setattr(m, name, preset.get(name, 0))
     _check_fields(cfg)
     _check(not t.sync_batchnorm or r.use_gpu, "train.sync_batchnorm",
            "needs ray.use_gpu=true (PyTorch's SyncBatchNorm runs on GPUs only; CPU ranks keep per-rank statistics)")

@@ -353,8 +353,13 @@ class Batches:
         self._it = iter(self.loader)
         self._stats: dict[int, dict[str, int]] = {}
 
-    skipped = property(lambda self: sum(s["skipped"] for s in self._stats.values()))
-    retries = property(lambda self: sum(s["retries"] for s in self._stats.values()))
+    @property
+    def skipped(self) -> int:
+        return sum(s["skipped"] for s in self._stats.values())
+
+    @property
+    def retries(self) -> int:
+        return sum(s["retries"] for s in self._stats.values())
 
     def __iter__(self) -> "Batches":
         return self

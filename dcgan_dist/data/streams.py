@@ -94,7 +94,9 @@ class StreamBatches(SkipLimit):
         # A daemon: it blocks once PREFETCH batches wait, and ends with the process.
         threading.Thread(target=self._fill, args=(start_step,), name=f"streams-rank{rank}", daemon=True).start()
 
-    retries = property(lambda self: s3.retries())
+    @property
+    def retries(self) -> int:
+        return s3.retries()
 
     def _take(self, stream: int) -> tuple[torch.Tensor, str]:
         """The stream's next readable sample."""
