@@ -3,6 +3,8 @@ torch.compile. (As stylegan2-ada keeps such things in torch_utils/misc.py, apart
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,16 +23,20 @@ def to_layout(channels_last: bool, *items):
                  else x.contiguous(memory_format=torch.channels_last) for x in items)
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first one with bf16 instructions: under them bf16 is emulated.
+_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matmuls/convs in hardware: CUDA GPUs from Ampere on, CPUs with AMX or
-    AVX512-BF16. Elsewhere bf16 is emulated and slower than fp32."""
+    """Whether `device` computes bf16 matmuls/convs in hardware: CUDA GPUs from Ampere on (compute capability 8+;
+    `is_bf16_supported()` also counts emulation), CPUs with AMX or AVX512-BF16 that oneDNN is allowed to use
+    (`ONEDNN_MAX_CPU_ISA=AVX512_CORE` keeps it off them, which is also how a test sees the other kind of CPU).
+    Elsewhere bf16 is emulated and slower than fp32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISAS_WITHOUT_BF16:
         return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -235,16 +235,23 @@ def test_compiled_step_matches_eager_and_keeps_checkpoint_keys(fresh_dynamo):
     assert counters["frames"] == frames
 
 
-def test_auto_precision_follows_the_hardware():
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    """Machines of this kind differ: some CPUs have AVX512-BF16 or AMX, others emulate bf16 (slower than fp32).
+    `auto` takes bf16 only on the first; capping oneDNN below bf16 (`ONEDNN_MAX_CPU_ISA=AVX512_CORE`) counts as
+    the second, so each case is seen on either machine."""
     from dcgan_dist.torch_utils import native_bf16, resolve_precision
 
     cpu = torch.device("cpu")
-    # torch's own CPUID probes (cpuinfo library), not /proc/cpuinfo: AVX512-BF16, or AMX (whose tile unit
-    # comes with AMX-BF16 on every CPU that has it).
+    # torch's own CPUID probes (cpuinfo library): AVX512-BF16, or AMX (whose tile unit comes with AMX-BF16).
     hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     assert native_bf16(cpu) == hardware
     assert resolve_precision("auto", cpu) == ("bf16" if hardware else "fp32")
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert not native_bf16(cpu) and resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert native_bf16(cpu) == hardware
     assert load_config().train.precision == "auto"
 
 

@@ -1,4 +1,8 @@
-"""The training step: ours vs pytorch/examples', images/s, counted FLOPs, utilization of the measured peak."""
+"""The training step: ours vs pytorch/examples', images/s, counted FLOPs, utilization of the measured peak.
+
+Each row is read against the peak of the precision it ran in: an fp32 row against the fp32 matmul peak, a bf16 or
+fp16 row against the better of that dtype's peak and fp32's (autocast keeps batch norm and the losses in fp32).
+On a CPU without native bf16 the bf16 peak is below an fp32 step's rate, so one shared bf16 peak is wrong there."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from bench.canonical import CanonicalStep
 from dcgan_dist.config import load_config
 from dcgan_dist.models import build_discriminator, build_generator
 from dcgan_dist.step import GANStep, make_optimizers
-from dcgan_dist.torch_utils import to_layout
+from dcgan_dist.torch_utils import native_bf16, to_layout
 
 
 @functools.lru_cache
@@ -78,20 +82,28 @@ def time_steps(step: Callable, real: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def precision_peaks(device: torch.device, precisions) -> dict[str, float]:
+    """{precision: TFLOP/s ceiling} for the precisions the rows ran in (see the module docstring)."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    measured = {p: matmul_peak_tflops(device, dtypes[p]) for p in {"fp32", *precisions}}
+    return {p: max(measured[p], measured["fp32"]) for p in measured}
+
+
 def bench_step(resolutions=(32, 64), batches=(64, 128), preset="examples", nc=3, steps=10, warmup=2,
                repeats=3, device: str | None = None, variants: dict[str, list[str]] | None = None) -> list[dict]:
     """Canonical pytorch/examples step vs ours (and `variants` of ours: {name: config overrides}), same
     process, same shapes; repeats interleaved, best kept; every row of ours has its ratio to canonical, and
-    every row its utilization of the device's measured bf16 matmul peak."""
+    every row its utilization of the measured matmul peak of its own precision."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    peak = matmul_peak_tflops(dev)
     kinds = {"canonical": [], "ours": [], **(variants or {})}
-    rows = []
+    rows, peaks = [], None
     for res in resolutions:
         for batch in batches:
             real = torch.rand(batch, nc, res, res, device=dev) * 2 - 1
             steppers = {k: make_step("canonical" if k == "canonical" else "ours", res, preset, nc, dev, o)
                         for k, o in kinds.items()}
+            precision = {k: getattr(s, "precision", "fp32") for k, (s, _) in steppers.items()}
+            peaks = peaks or precision_peaks(dev, set(precision.values()))
             inputs = {k: to_layout(cl, real)[0] for k, (_, cl) in steppers.items()}
             warm = {k: time_steps(s, inputs[k], warmup) for k, (s, _) in steppers.items()}  # compiles, if asked
             best = {k: float("inf") for k in steppers}
@@ -100,14 +112,16 @@ def bench_step(resolutions=(32, 64), batches=(64, 128), preset="examples", nc=3,
                     best[k] = min(best[k], time_steps(s, inputs[k], steps))
             for k in steppers:
                 ips = batch * steps / best[k]
+                tflops = ips * step_gflops(res, preset, nc) / 1e3
                 row = {"name": k, "resolution": res, "batch": batch, "preset": preset, "device": str(dev),
+                       "native_bf16": native_bf16(dev), "precision": precision[k],
                        "channels_last": steppers[k][1], "options": " ".join(kinds[k]),
                        "threads": torch.get_num_threads(), "warmup_s": round(warm[k], 2),
                        "images_per_s": round(ips, 1),
                        "gflops_per_image": round(step_gflops(res, preset, nc), 3),
-                       "tflops": round(ips * step_gflops(res, preset, nc) / 1e3, 4),
-                       "bf16_peak_tflops": round(peak, 3),
-                       "utilization": round(ips * step_gflops(res, preset, nc) / 1e3 / peak, 4)}
+                       "tflops": round(tflops, 4),
+                       "peak_tflops": round(peaks[precision[k]], 3),
+                       "utilization": round(tflops / peaks[precision[k]], 4)}
                 if k != "canonical":
                     row["ratio_vs_canonical"] = round(ips / (batch * steps / best["canonical"]), 3)
                 rows.append(row)
