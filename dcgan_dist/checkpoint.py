@@ -22,19 +22,23 @@ from dcgan_dist.step import GANStep
 STATE_FILE = "state.pt"
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU, CUDA if present, Python)."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG states: torch's CPU generator, Python's, and the CUDA generator of this rank's own GPU
+    only (Ray lets a node's workers see every GPU of the node: a rank that resumes on another local GPU, or on a
+    node with fewer GPUs, must restore its own generator, not a list indexed by GPU)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what `rng_state` saved. The states must be CPU ByteTensors, as `resume` loads them."""
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _as_tuple(x: Any) -> Any:
@@ -79,3 +83,15 @@ def restore(state: dict, step_fn: GANStep, ema: nn.Module | None = None, t=None)
     step_fn.load_state_dict(state, t)
     if ema is not None:
         ema.load_state_dict(state.get("ema") or state["generator"])
+
+
+def resume(directory: str | Path, step_fn: GANStep, ema: nn.Module | None = None, t=None) -> dict:
+    """Load a checkpoint into the step (and the EMA) wherever they live, and return its state.
+
+    Read onto the CPU, never straight onto the training device: `load_state_dict` moves weights and Adam's moments
+    to their parameters' device, while what PyTorch wants on the host stays there: RNG states (`set_rng_state`
+    takes only CPU ByteTensors: a GPU resume crashed on it) and non-fused Adam's step counters (on a GPU, Adam
+    would read them back with one host sync per parameter per step)."""
+    state = load(directory, map_location="cpu")
+    restore(state, step_fn, ema, t)
+    return state

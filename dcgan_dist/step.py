@@ -73,6 +73,10 @@ class GANStep:
         compile_models(t.compile, g, d)
         return cls(g, d, *make_optimizers(g, d, t), m.nz, resolve_precision(t.precision, torch.device(device)))
 
+    @property
+    def device(self) -> torch.device:
+        return next(unwrap(self.g).parameters()).device
+
     def wrap(self, fn) -> None:
         """Replace G and D by `fn(G)`, `fn(D)` (e.g. DDP wrappers); parameters and optimizers stay the same."""
         self.g, self.d = fn(self.g), fn(self.d)

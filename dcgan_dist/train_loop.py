@@ -119,7 +119,7 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
     extra = {"step": step, "start_step": start,
              "score": ((evaluation or {}).get("values") or {}).get(cfg.tune.metric, UNSCORED)}
     # One collective: every rank's RNG state and, with data.streams, the positions of the streams it hosts.
-    rngs, positions = zip(*gather((checkpoint.rng_state(), getattr(batches, "positions", {}))))
+    rngs, positions = zip(*gather((checkpoint.rng_state(step_fn.device), getattr(batches, "positions", {}))))
     if cfg.train.check_replicas:  # every rank hashes G: equal digests prove DDP kept the replicas identical
         extra["g_digests"] = gather(param_digest(step_fn.g))
     _remove_stale_staging()
@@ -172,8 +172,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     source = own or loop_config.get("init_from")  # the run's own, else a PBT donor's
     if source:
         with source.as_directory() as ckpt_dir:
-            resumed = checkpoint.load(ckpt_dir, map_location=device)
-        checkpoint.restore(resumed, step_fn, ema.module if ema else None, t)
+            resumed = checkpoint.resume(ckpt_dir, step_fn, ema.module if ema else None, t)
         start = resumed["step"] + 1
         log.info("rank %d: resumed from the checkpoint of step %d", rank, resumed["step"])
 
@@ -186,7 +185,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for model in (step_fn.g, step_fn.d):
             timer.register(model)
     if resumed and len(resumed["rng"]) == world:
-        checkpoint.set_rng_state(resumed["rng"][rank])
+        checkpoint.set_rng_state(resumed["rng"][rank], device)
     else:
         torch.manual_seed(t.seed * 1000 + rank * 7919 + start)
 

@@ -81,3 +81,27 @@ def test_fp16_loss_scale_survives_a_resume_and_the_config_learning_rates_win(tmp
     _, switched = fresh(1, "train.precision=fp16")
     checkpoint.restore(fp32_state, switched)  # switched fp32 -> fp16: the default scale
     assert switched.scaler.get_scale() == 2.0 ** 16
+
+
+def test_resume_leaves_rng_states_and_adam_step_counters_where_pytorch_wants_them(tmp_path):
+    """On a GPU the training device is not the CPU. The meta device stands in for it here: a checkpoint read
+    straight onto the training device (map_location=device) put the RNG states there, and `torch.set_rng_state`
+    takes only a CPU ByteTensor (every GPU resume crashed on it); it put non-fused Adam's step counters there too
+    (one host sync per parameter per step on a GPU). `resume` must leave both on the CPU and the moments with
+    their parameters."""
+    cfg, step = fresh(0)
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    step(real)
+    checkpoint.save(checkpoint.training_state(step, 1, [checkpoint.rng_state()], cfg.to_dict()), tmp_path)
+
+    elsewhere = GANStep.from_config(cfg, "meta")
+    assert elsewhere.device.type == "meta"
+    state = checkpoint.resume(tmp_path, elsewhere, t=cfg.train)
+    rng = state["rng"][0]["torch"]
+    assert rng.device.type == "cpu" and rng.dtype == torch.uint8
+    checkpoint.set_rng_state(state["rng"][0], elsewhere.device)  # raised "RNG state must be a torch.ByteTensor"
+    for opt in (elsewhere.opt_g, elsewhere.opt_d):
+        states = list(opt.state.values())
+        assert len(states) == len(opt.param_groups[0]["params"]) > 0
+        assert all(s["step"].device.type == "cpu" for s in states)  # non-fused Adam keeps them on the host
+        assert all(s["exp_avg"].device.type == "meta" and s["exp_avg_sq"].device.type == "meta" for s in states)
