@@ -3,7 +3,10 @@
 Averaged weights give smoother, usually better samples than the last step's (as in
 progressive GANs and StyleGAN); when on, they are what gets evaluated and exported.
 Batch-norm statistics do not average meaningfully, so `recalibrate_bn` recomputes them for the
-averaged weights from fresh noise: G's input is only z, so no data is needed.
+averaged weights from fresh noise: G's input is only z, so no data is needed. The copy's batch norms are plain,
+per-process ones even when G's are SyncBatchNorm: recalibration is deterministic, so each rank computes the same
+statistics alone, and rank 0 can recalibrate by itself for a sample grid (a synchronized one would wait there for
+ranks that never come).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ class GeneratorEMA:
 
     def __init__(self, generator: nn.Module, decay: float):
         self.decay = decay
-        self.module = copy.deepcopy(unwrap(generator)).eval().requires_grad_(False)
+        self.module = local_batchnorm(copy.deepcopy(unwrap(generator))).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, generator: nn.Module) -> None:
@@ -35,6 +38,21 @@ class GeneratorEMA:
         self.module.load_state_dict(state)
 
 
+def local_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` with every batch norm of another kind (SyncBatchNorm, say) replaced by a plain BatchNorm2d holding
+    the same weights and statistics: the same state_dict keys, no collective in train mode."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and type(child) is not nn.BatchNorm2d:
+            plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(next(child.buffers()).device)
+            plain.load_state_dict(child.state_dict())
+            plain.train(child.training)
+            setattr(module, name, plain)
+        else:
+            local_batchnorm(child)
+    return module
+
+
 @torch.no_grad()
 def recalibrate_bn(generator: nn.Module, nz: int, *, batches: int = 16, batch_size: int = 128, seed: int = 0) -> nn.Module:
     """Reset and re-estimate every BatchNorm's running mean/var from `batches` of seeded noise.
@@ -45,11 +63,14 @@ def recalibrate_bn(generator: nn.Module, nz: int, *, batches: int = 16, batch_si
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over the calibration batches
     device = next(generator.parameters()).device
     rng = torch.Generator().manual_seed(seed)
     generator.train()
-    for _ in range(batches):
+    for i in range(batches):
+        # momentum 1/(i+1) keeps the cumulative average over the batches so far (what momentum=None does, but
+        # that reads num_batches_tracked back to the host in every layer, a GPU sync each)
+        for m in bns:
+            m.momentum = 1.0 / (i + 1)
         generator(torch.randn(batch_size, nz, generator=rng).to(device))
     for m, momentum in zip(bns, saved):
         m.momentum = momentum

@@ -1,7 +1,7 @@
 """A clean stop: SIGTERM (what `ray job stop` and schedulers send) ends training with a checkpoint, not a loss.
 
 The driver, on the first SIGTERM, leaves a stop request in Ray's key-value store; rank 0 reads it at every log
-step and broadcasts it, so all ranks agree on the step; they save a checkpoint there and leave the loop. The
+step and sends it with the step's metrics, so all ranks agree on the step; they save a checkpoint there and leave the loop. The
 driver then ends the MLflow run as KILLED. If the workers have not finished within `train.stop_timeout_s` (or a
 second SIGTERM comes), the driver stops waiting. `ray job stop` waits only RAY_JOB_STOP_WAIT_TIME_S (3 s by
 default) before SIGKILL: set it in the job's runtime_env env_vars to give the workers time (README).
@@ -15,8 +15,6 @@ import signal
 import threading
 from typing import Iterator
 
-import torch
-import torch.distributed as dist
 from ray.experimental import internal_kv
 
 from dcgan_dist.errors import Stopped
@@ -29,14 +27,9 @@ def _key(run_id: str) -> str:
     return f"stop/{run_id}"
 
 
-def stop_requested(run_id: str, rank: int, world: int, device) -> bool:
-    """Called by every rank at the same step: rank 0 asks the store, the others get its answer."""
-    flag = torch.zeros(1, device=device)
-    if rank == 0 and internal_kv._internal_kv_get(_key(run_id), namespace=NAMESPACE):
-        flag += 1
-    if world > 1:
-        dist.broadcast(flag, 0)
-    return bool(flag.item())
+def stop_requested(run_id: str) -> bool:
+    """Rank 0 asks the store; the training loop hands its answer to every rank with the log step's metrics."""
+    return bool(internal_kv._internal_kv_get(_key(run_id), namespace=NAMESPACE))
 
 
 @contextlib.contextmanager

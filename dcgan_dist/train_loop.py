@@ -85,15 +85,17 @@ class MetricWindow:
         if self.timer:
             self.timer.end_step()
 
-    def collect(self, batches, global_batch: int) -> dict[str, float]:
-        """Means over the window and the ranks (every rank must call this at the same step); starts a new window."""
+    def collect(self, batches, global_batch: int, stop: bool = False) -> dict[str, float]:
+        """Means over the window and the ranks (every rank must call this at the same step); starts a new window.
+        `stop` (rank 0's) comes back to every rank as metrics["stop"] > 0."""
         comm = self.timer.collect() if self.timer else {}
-        counts = torch.tensor([batches.skipped, batches.retries], dtype=self.sums.dtype, device=self.device)
+        counts = torch.tensor([batches.skipped, batches.retries, float(stop)], dtype=self.sums.dtype,
+                              device=self.device)
         per_rank = torch.tensor(list(comm.values()), dtype=self.sums.dtype, device=self.device) / self.world
         stats = torch.cat([self.sums / (self.steps * self.world), counts, per_rank])
         if self.world > 1:
             dist.all_reduce(stats)  # one collective: mean metrics and allreduce times, total counts
-        metrics = dict(zip(METRICS + ("data_skipped", "data_retries") + tuple(comm), stats.tolist()))
+        metrics = dict(zip(METRICS + ("data_skipped", "data_retries", "stop") + tuple(comm), stats.tolist()))
         metrics["images_per_s"] = self.steps * global_batch / (time.perf_counter() - self.started)
         self.sums.zero_()
         self.steps, self.started = 0, time.perf_counter()
@@ -214,6 +216,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         Path(t.key_log).mkdir(parents=True, exist_ok=True)
         key_log = open(Path(t.key_log) / f"rank{rank}-of-{world}-pid{os.getpid()}.txt", "a", buffering=1)
     noticed = None  # the preemption notice already answered with a checkpoint
+    stopping = False
 
     # [2] the loop
     for step in range(start, t.steps + 1):
@@ -227,20 +230,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         is_last = step == t.steps
         eval_now = bool(evaluator) and (step % t.eval_every == 0 or is_last)
-        stopping = step % t.log_every == 0 and stop_requested(loop_config["mlflow_run_id"], rank, world, device)
-        # A node being drained for preemption (how a spot instance's notice reaches Ray; a barrier of all ranks):
-        # keep what was trained now; Ray Train restarts the group without that node when it goes.
-        notice = ray.train.get_preemption_info() if step % t.log_every == 0 else None
-        preempted = notice is not None and notice != noticed
-        if preempted:
-            noticed = notice
-            log.warning("rank %d: node(s) %s to be preempted (deadline %s ms): checkpoint at step %d", rank,
-                        ", ".join(n[:8] for n in notice.preempted_node_ids), notice.deadline_ms, step)
-        save_now = step % t.checkpoint_every == 0 or is_last or eval_now or stopping or preempted
+        log_now = step % t.log_every == 0
+        save_now = step % t.checkpoint_every == 0 or is_last or eval_now
         sample_now = bool(logger) and ((t.sample_every and step % t.sample_every == 0) or is_last)
         shown = None  # the eval-mode generator, made once per step for the evaluation and the grid
-        if step % t.log_every == 0 or save_now:
-            metrics, evaluation = window.collect(batches, cfg.global_batch), None
+        if log_now or save_now:
+            # One collective and one device-to-host read per log step: the metrics and rank 0's answer to "was a
+            # stop requested?" travel together, so every rank agrees on the step to stop at.
+            asked = rank == 0 and log_now and stop_requested(loop_config["mlflow_run_id"])
+            metrics, evaluation = window.collect(batches, cfg.global_batch, stop=asked), None
+            stopping = metrics.pop("stop") > 0
+            # A node being drained for preemption (how a spot instance's notice reaches Ray). Ray makes this call a
+            # barrier of all ranks, so it is asked at log steps only. Keep what was trained now; Ray Train restarts
+            # the group without that node when it goes.
+            notice = ray.train.get_preemption_info() if log_now else None
+            preempted = notice is not None and notice != noticed
+            if preempted:
+                noticed = notice
+                log.warning("rank %d: node(s) %s to be preempted (deadline %s ms): checkpoint at step %d", rank,
+                            ", ".join(n[:8] for n in notice.preempted_node_ids), notice.deadline_ms, step)
+            save_now = save_now or stopping or preempted
             metrics["num_workers"] = world
             if eval_now:
                 t0 = time.perf_counter()

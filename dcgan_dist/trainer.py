@@ -127,14 +127,15 @@ def run_config(cfg: Config, name: str, storage_path: str | None = None, callback
 
 
 def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
-                 init_from: ray.train.Checkpoint | None = None) -> TorchTrainer:
-    """`init_from`: a checkpoint a new run starts from (PBT); the run's own checkpoints, once any exist, win."""
+                 init_from: ray.train.Checkpoint | None = None, loop=train_loop_per_worker) -> TorchTrainer:
+    """`init_from`: a checkpoint a new run starts from (PBT); the run's own checkpoints, once any exist, win.
+    `loop`: the per-worker function (tests wrap the real one in probes)."""
     r = cfg.ray
     # Ray Train reads this from the driver's environment and hands it to its controller. A node lost without
     # notice still counts as alive for a while; the first restart waits this long for it before trying fewer.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(r.start_timeout_s)
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from": init_from,
                            "shards": dataclasses.asdict(shards_of(cfg)),
                            "driver_ip": ray.util.get_node_ip_address()},  # where a loopback tracking URI points

@@ -73,3 +73,15 @@ def test_checkpoint_keeps_the_ema_and_the_exported_generator_is_the_recalibrated
     no_ema = dict(loaded, ema=None)
     plain = export_generator(no_ema, cfg)
     assert all(torch.equal(v, loaded["generator"][k]) for k, v in plain.state_dict().items())
+
+
+def test_the_ema_copy_of_a_synchronized_generator_has_local_batch_norms():
+    """SyncBatchNorm in G (train.sync_batchnorm) must not reach the EMA: its recalibration runs on rank 0 alone for
+    a sample grid, where a synchronized batch norm would wait for the other ranks."""
+    cfg, g, *_ = setup()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(g)
+    ema = GeneratorEMA(synced, decay=0.9)
+    kinds = {type(m) for m in ema.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert kinds == {torch.nn.BatchNorm2d}
+    assert ema.state_dict().keys() == synced.state_dict().keys()
+    assert all(torch.equal(ema.state_dict()[k], v) for k, v in synced.state_dict().items())
