@@ -77,6 +77,13 @@ def recalibrate_bn(generator: nn.Module, nz: int, *, batches: int = 16, batch_si
     return generator.eval()
 
 
+def shown_generator(g: nn.Module, ema: nn.Module | None, nz: int, seed: int):
+    """`evaluated_generator`'s forward, run eagerly even when G is compiled: the evaluation and the sample grid
+    call it in eval mode at other batch sizes, which would make torch.compile recompile (and reduce-overhead
+    capture new CUDA graphs) for a few calls each. (The EMA copy is never compiled: deepcopy drops that.)"""
+    return evaluated_generator(g, ema, nz, seed).forward
+
+
 def evaluated_generator(g: nn.Module, ema: nn.Module | None, nz: int, seed: int) -> nn.Module:
     """The generator that is evaluated, sampled and exported, in eval mode: the EMA (batch norm recalibrated)
     when the run keeps one, else G itself. Training, export and registration all go through here."""

@@ -68,6 +68,8 @@ class GANStep:
         """The one way training, benchmarks and tests build G, D, their optimizers and the step from a config:
         seeded weights (identical on every rank), memory layout, torch.compile, precision ('auto' resolved)."""
         m, t = cfg.model, cfg.train
+        if torch.device(device).type == "cuda":  # fixed shapes: let cuDNN time its conv algorithms once, keep the best
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(t.seed)
         g, d = build_generator(m), build_discriminator(m)
         if sync_batchnorm:

@@ -29,7 +29,7 @@ from dcgan_dist.config import Config, from_dict
 from dcgan_dist.data.loader import ShardSet, make_batches, to_model_input
 from dcgan_dist.data.streams import StreamBatches
 from dcgan_dist.ddp_hooks import AllreduceTimer
-from dcgan_dist.ema import GeneratorEMA, evaluated_generator
+from dcgan_dist.ema import GeneratorEMA, shown_generator
 from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
@@ -253,7 +253,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics["num_workers"] = world
             if eval_now:
                 t0 = time.perf_counter()
-                shown = evaluated_generator(step_fn.g, ema.module if ema else None, m.nz, cfg.metrics.seed)
+                shown = shown_generator(step_fn.g, ema.module if ema else None, m.nz, cfg.metrics.seed)
                 evaluation = evaluator.evaluate(shown, m.nz, device, rank, world)
                 metrics.update(evaluation["values"], eval_s=time.perf_counter() - t0)
                 if logger:
@@ -271,7 +271,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     logger.flush()  # the checkpoint is persisted: these steps will not be redone
         if sample_now:
             if shown is None:
-                shown = evaluated_generator(step_fn.g, ema.module if ema else None, m.nz, cfg.metrics.seed)
+                shown = shown_generator(step_fn.g, ema.module if ema else None, m.nz, cfg.metrics.seed)
             with torch.no_grad():
                 logger.log_grid(step, shown(z_grid))
         if shown is not None:

@@ -32,10 +32,16 @@ from dcgan_dist.train_loop import UNSCORED, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-# Non-secret settings workers need to reach the same S3 / MLflow endpoints as the driver.
+# Non-secret settings workers need to reach the same S3 / MLflow endpoints as the driver, and the NCCL settings
+# (NCCL_SOCKET_IFNAME, NCCL_DEBUG, TORCH_NCCL_..., by prefix) a user sets for the collectives.
 # Credentials are deliberately absent: workers get theirs from the standard AWS chain on their node.
 WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
               "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+WORKER_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_")
+
+
+def worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in WORKER_ENV or k.startswith(WORKER_ENV_PREFIXES)}
 
 
 @dataclass
@@ -121,7 +127,7 @@ def run_config(cfg: Config, name: str, storage_path: str | None = None, callback
         failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.keep_checkpoints, **keep),
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our rank 0 logs progress
-        worker_runtime_env={"env_vars": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}},
+        worker_runtime_env={"env_vars": worker_env()},
         callbacks=list(callbacks),
     )
 

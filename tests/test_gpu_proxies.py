@@ -66,3 +66,23 @@ def test_every_rank_issues_the_same_collectives_and_ordinary_steps_read_nothing_
     # stream positions are gathered as objects (pickled, so read back).
     for r in ranks:
         assert r["host_reads"][:5] == [0, 0, 0, 0, 0], r["reads"]
+
+
+def test_nccl_settings_reach_the_workers_and_scores_name_their_device(monkeypatch, tmp_path, digits_dir):
+    """NCCL_* and TORCH_NCCL_* set where the job starts go to every worker (they pick the network interface and
+    the timeouts of the collectives); no secret does. A score's protocol names the device it was measured on, so a
+    CPU score and a GPU score are never compared as equals."""
+    from dcgan_dist.data.loader import resolve_shards
+    from dcgan_dist.metrics.evaluator import Evaluator, Protocol
+
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ens5")
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    cfg = load_config(overrides=tiny_overrides(tmp_path, digits_dir))
+    env = run_config(cfg, "nccl").worker_runtime_env["env_vars"]
+    assert env["NCCL_SOCKET_IFNAME"] == "ens5" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
+
+    evaluator = Evaluator(cfg.metrics, resolve_shards(str(digits_dir)), channels=1, resolution=32, device="cpu")
+    key = evaluator.protocol("swd", 128).key
+    assert Protocol.from_key(key).device == "cpu"
+    assert Protocol.from_key(key.replace('"device": "cpu"', '"device": "cuda"')).key != key

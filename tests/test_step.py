@@ -233,6 +233,17 @@ def test_compiled_step_matches_eager_and_keeps_checkpoint_keys(fresh_dynamo):
     assert compiled_code_ran(lambda: g(z))
     assert compiled_code_ran(lambda: d(real))
     assert counters["frames"] == frames
+    # The loop's evaluation and sample grid (eval mode, other batch sizes), through `shown_generator` as the loop
+    # calls it, run eagerly: no recompile (reduce-overhead would capture a CUDA graph per new shape), and the
+    # training step after them reuses its graphs.
+    from dcgan_dist.ema import GeneratorEMA, shown_generator
+
+    for ema in (None, GeneratorEMA(g, 0.9).module):
+        shown = shown_generator(g, ema, cfg.model.nz, seed=0)
+        shown(torch.randn(64, cfg.model.nz)), shown(torch.randn(5, cfg.model.nz))
+        g.train()
+    compiled(real)
+    assert counters["frames"] == frames and not counters["recompiles"], dict(counters["recompiles"])
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):

@@ -115,7 +115,10 @@ class StreamBatches(SkipLimit):
         taken = [self._take(n % self.n_streams)
                  for n in range((step - 1) * self.global_batch, step * self.global_batch)
                  if n % self.n_streams % self.world == self.rank]
-        return torch.stack([img for img, _ in taken]), [key for _, key in taken], dict(self._read_to)
+        images = torch.stack([img for img, _ in taken])
+        if torch.cuda.is_available():  # page-locked here, in the reading thread, so the copy to the GPU overlaps
+            images = images.pin_memory()
+        return images, [key for _, key in taken], dict(self._read_to)
 
     def _fill(self, step: int) -> None:
         try:

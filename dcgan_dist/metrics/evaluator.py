@@ -44,6 +44,7 @@ class Protocol:
     data: str  # sha256 of the data manifest
     extractor: str = ""  # "name:sha256" of the feature network ("" for swd)
     seed: int = 0
+    device: str = "cpu"  # where G ran and features were taken: cuDNN/TF32 numerics differ from the CPU's
 
     @property
     def key(self) -> str:
@@ -86,6 +87,7 @@ class Evaluator:
                  device="cpu", extractor=None, load_real: bool = True):
         self.cfg, self.shards = mcfg, shards
         self.channels, self.resolution = channels, resolution
+        self.device_type = torch.device(device).type
         if extractor is None and mcfg.inception_weights:
             extractor = load_inception(mcfg.inception_weights, mcfg.inception_sha256, device=device,
                                        batch_size=mcfg.batch_size)
@@ -131,7 +133,7 @@ class Evaluator:
     def protocol(self, name: str, num_fake: int) -> Protocol:
         extractor = f"{self.extractor.name}:{self.extractor.sha256}" if METRICS[name].uses_features else ""
         return Protocol(name, num_fake, len(self.real_images), self.resolution, self.shards.fingerprint,
-                        extractor, self.cfg.seed)
+                        extractor, self.cfg.seed, self.device_type)
 
     # --- the fake side ---
     def payload(self, fake: torch.Tensor) -> dict:
