@@ -182,6 +182,9 @@ class MetricsConfig:
     cache_dir: str = doc("where real-data statistics are cached, keyed by the data manifest", "~/.cache/dcgan-dist")
     batch_size: int = doc("images per forward pass when generating and extracting features", 256, POSITIVE)
     seed: int = doc("seed of the evaluation noise, patch positions and projections (fixed: comparable numbers)", 0)
+    eval_cpus: float = doc("CPUs reserved for the task that scores each evaluation's checkpoint beside training "
+                           "(Ray Train's checkpoint validation: the ranks do not wait for it); searches score in the "
+                           "loop, since their schedulers need the number at the step", 1.0, POSITIVE)
 
 
 @dataclass

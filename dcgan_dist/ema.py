@@ -16,6 +16,7 @@ import copy
 import torch
 from torch import nn
 
+from dcgan_dist.models import build_generator
 from dcgan_dist.torch_utils import unwrap
 
 
@@ -90,3 +91,15 @@ def evaluated_generator(g: nn.Module, ema: nn.Module | None, nz: int, seed: int)
     if ema is None:
         return unwrap(g).eval()
     return recalibrate_bn(ema, nz, seed=seed)
+
+
+def generator_from_state(state: dict, model_cfg, seed: int) -> nn.Module:
+    """G from a checkpoint's state, as training evaluates it (`evaluated_generator`): registration and the scoring
+    task both take it from here."""
+    g = build_generator(model_cfg)
+    g.load_state_dict(state["generator"])
+    ema = None
+    if state.get("ema"):
+        ema = build_generator(model_cfg)
+        ema.load_state_dict(state["ema"])
+    return evaluated_generator(g, ema, model_cfg.nz, seed)

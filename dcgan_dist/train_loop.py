@@ -30,6 +30,7 @@ from dcgan_dist.data.loader import ShardSet, make_batches, to_model_input
 from dcgan_dist.data.streams import StreamBatches
 from dcgan_dist.ddp_hooks import AllreduceTimer
 from dcgan_dist.ema import GeneratorEMA, shown_generator
+from dcgan_dist.evaluation import UNSCORED
 from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
@@ -40,9 +41,6 @@ log = logging.getLogger(__name__)
 
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake")
 GRID_SAMPLES = 64
-# Ray ranks checkpoints by "score" (lower is better); a checkpoint without an evaluation ranks last.
-# A finite number, not NaN or inf: Ray's saved run state turns those into null and then fails on resume.
-UNSCORED = 1e30
 
 
 def param_digest(module: nn.Module) -> str:
@@ -115,9 +113,11 @@ def _remove_stale_staging() -> None:
 
 
 def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Config, step: int, start: int,
-                    rank: int, metrics: dict, evaluation: dict | None, logger: tracking.RunLogger | None) -> None:
-    """Report this step's metrics to Ray with rank 0's checkpoint. The checkpoint is staged in a folder that is
-    removed once `ray.train.report` has copied it to storage: nothing accumulates in the node's /tmp."""
+                    rank: int, metrics: dict, evaluation: dict | None, logger: tracking.RunLogger | None,
+                    score: bool = False) -> None:
+    """Report this step's metrics to Ray with rank 0's checkpoint; `score`: Ray's validation task scores it beside
+    training (`evaluation.score_checkpoint`). The checkpoint is staged in a folder that is removed once
+    `ray.train.report` has copied it to storage: nothing accumulates in the node's /tmp."""
     extra = {"step": step, "start_step": start,
              "score": ((evaluation or {}).get("values") or {}).get(cfg.tune.metric, UNSCORED)}
     # One collective: every rank's RNG state and, with data.streams, the positions of the streams it hosts.
@@ -139,7 +139,8 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
             ckpt = ray.train.Checkpoint.from_directory(staging)
         # Ray Train's report blocks until its controller polls, so it is called only with checkpoints;
         # per-step metrics go to MLflow directly.
-        ray.train.report({**metrics, **extra}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+        ray.train.report({**metrics, **extra}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}",
+                         validation=score and ckpt is not None)
 
 
 def make_data(cfg: Config, shards: ShardSet, rank: int, world: int, start: int, resumed: dict | None):
@@ -205,7 +206,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.info("resized: %d -> %d workers at step %d", len(resumed["rng"]), world, start)
             logger.set_tags({f"dcgan.resize.step_{start:08d}": f"{len(resumed['rng'])} -> {world} workers"})
     evaluator = None
-    if t.eval_every:  # the real side (read or cached) lives on rank 0; other ranks only generate
+    if t.eval_every and loop_config.get("score_in_loop"):  # a search: the real side lives on rank 0; all generate
         evaluator = Evaluator(cfg.metrics, shards, channels=m.nc, resolution=m.resolution, device=device,
                               load_real=rank == 0)
     z_grid = latents(GRID_SAMPLES, m.nz, t.seed).to(device)  # the same grid noise all run long: comparable grids
@@ -229,7 +230,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         window.add(out)
 
         is_last = step == t.steps
-        eval_now = bool(evaluator) and (step % t.eval_every == 0 or is_last)
+        eval_now = bool(t.eval_every) and (step % t.eval_every == 0 or is_last)
         log_now = step % t.log_every == 0
         save_now = step % t.checkpoint_every == 0 or is_last or eval_now
         sample_now = bool(logger) and ((t.sample_every and step % t.sample_every == 0) or is_last)
@@ -251,7 +252,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             ", ".join(n[:8] for n in notice.preempted_node_ids), notice.deadline_ms, step)
             save_now = save_now or stopping or preempted
             metrics["num_workers"] = world
-            if eval_now:
+            if eval_now and evaluator:
                 t0 = time.perf_counter()
                 shown = shown_generator(step_fn.g, ema.module if ema else None, m.nz, cfg.metrics.seed)
                 evaluation = evaluator.evaluate(shown, m.nz, device, rank, world)
@@ -266,7 +267,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          "  [checkpoint]" if save_now else "")
                 logger.add(step, metrics)
             if save_now:
-                save_checkpoint(step_fn, ema, batches, cfg, step, start, rank, metrics, evaluation, logger)
+                save_checkpoint(step_fn, ema, batches, cfg, step, start, rank, metrics, evaluation, logger,
+                                score=eval_now and not evaluator)
                 if logger:
                     logger.flush()  # the checkpoint is persisted: these steps will not be redone
         if sample_now:

@@ -23,12 +23,12 @@ from dcgan_dist.config import Config, DataConfig
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import ShardSet, resolve_shards
 from dcgan_dist.errors import ConfigError, DataError, DcganError, Stopped, TrackingError
-from dcgan_dist.ema import evaluated_generator
+from dcgan_dist.ema import generator_from_state
+from dcgan_dist.evaluation import UNSCORED
 from dcgan_dist.metrics.inception import load_inception
 from dcgan_dist.lease import RunLease
-from dcgan_dist.models import build_generator
 from dcgan_dist.stopping import stop_on_sigterm
-from dcgan_dist.train_loop import UNSCORED, train_loop_per_worker
+from dcgan_dist.train_loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +133,29 @@ def run_config(cfg: Config, name: str, storage_path: str | None = None, callback
 
 
 def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
-                 init_from: ray.train.Checkpoint | None = None, loop=train_loop_per_worker) -> TorchTrainer:
+                 init_from: ray.train.Checkpoint | None = None, loop=train_loop_per_worker,
+                 score_in_loop: bool = False) -> TorchTrainer:
     """`init_from`: a checkpoint a new run starts from (PBT); the run's own checkpoints, once any exist, win.
-    `loop`: the per-worker function (tests wrap the real one in probes)."""
+    `loop`: the per-worker function (tests wrap the real one in probes). Evaluations are scored by a Ray task beside
+    training (Ray Train's checkpoint validation), or with `score_in_loop` by the ranks at the step (a search: its
+    scheduler needs the number in the step's report)."""
     r = cfg.ray
     # Ray Train reads this from the driver's environment and hands it to its controller. A node lost without
     # notice still counts as alive for a while; the first restart waits this long for it before trying fewer.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(r.start_timeout_s)
+    driver_ip = ray.util.get_node_ip_address()  # where a loopback tracking URI points
+    validation = None
+    if cfg.train.eval_every and not score_in_loop:
+        validation = ray.train.ValidationConfig(
+            evaluation.score_checkpoint, ray_remote_kwargs={"num_cpus": cfg.metrics.eval_cpus},
+            task_config=ray.train.ValidationTaskConfig(
+                fn_kwargs={"config": cfg.to_dict(), "run_id": run_id, "driver_ip": driver_ip}))
     return TorchTrainer(
         loop,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from": init_from,
-                           "shards": dataclasses.asdict(shards_of(cfg)),
-                           "driver_ip": ray.util.get_node_ip_address()},  # where a loopback tracking URI points
+                           "shards": dataclasses.asdict(shards_of(cfg)), "driver_ip": driver_ip,
+                           "score_in_loop": score_in_loop},
+        validation_config=validation,
         scaling_config=ray.train.ScalingConfig(
             # MIN-MAX: Ray Train restarts on what is left (>= MIN) after a loss and grows back at a resize check
             num_workers=r.max_workers if r.worker_range[0] == r.max_workers else r.worker_range,
@@ -163,28 +174,20 @@ def deliver_held(cfg: Config, run_id: str, result) -> None:
         log.warning("delivered %d metric values that rank 0 could not send to MLflow", sent)
 
 
-def best_checkpoint(result) -> ray.train.Checkpoint:
-    """The checkpoint with the lowest evaluated score (the metric), else the latest one."""
-    scored = [(c, m["score"]) for c, m in (result.best_checkpoints or []) if m.get("score", UNSCORED) < UNSCORED]
-    return min(scored, key=lambda cs: cs[1])[0] if scored else result.checkpoint
-
-
-def export_generator(state: dict, cfg: Config):
-    """G from a checkpoint, as training evaluated it (`ema.evaluated_generator`)."""
-    g = build_generator(cfg.model)
-    g.load_state_dict(state["generator"])
-    ema = None
-    if state.get("ema"):
-        ema = build_generator(cfg.model)
-        ema.load_state_dict(state["ema"])
-    return evaluated_generator(g, ema, cfg.model.nz, cfg.metrics.seed)
+def best_checkpoint(result) -> tuple[ray.train.Checkpoint, dict | None]:
+    """The checkpoint with the lowest evaluated score (the metric) and its evaluation, else the latest one."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("score", UNSCORED) < UNSCORED]
+    if not scored:
+        return result.checkpoint, None
+    best, metrics = min(scored, key=lambda cm: cm[1]["score"])
+    return best, metrics.get("evaluation")
 
 
 def register(cfg: Config, run_id: str, state: dict) -> tuple[str, bool]:
     """Register the checkpoint's generator with its scores and model card; the champion alias moves only if it is
     better."""
     scored = state.get("evaluation") or {}
-    g = export_generator(state, cfg)
+    g = generator_from_state(state, cfg.model, cfg.metrics.seed)
     version = tracking.log_generator(cfg, run_id, g, state["step"], scored.get("values"), scored.get("protocols"))
     networks.log_networks(cfg.tracking.uri, run_id, cfg.tracking.model_name, version, g.state_dict(), state,
                           cfg.model, tracking.redact(cfg.data.url))
@@ -248,8 +251,11 @@ def _train_holding_the_lease(cfg: Config) -> TrainOutcome:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
     log.info("training ended at step %s", (result.metrics or {}).get("step"))
     deliver_held(cfg, run_id, result)
-    with best_checkpoint(result).as_directory() as ckpt_dir:
+    best, scored = best_checkpoint(result)
+    with best.as_directory() as ckpt_dir:
         state = checkpoint.load(ckpt_dir)
+    if scored:  # scored beside training: the numbers are Ray's record of the checkpoint, not in its file
+        state["evaluation"] = scored
     version, is_champion = None, False
     if cfg.tracking.register:
         try:

@@ -132,7 +132,7 @@ def run_trial(params: dict, *, base: dict, search_name: str, parent_run_id: str,
         from ray.tune.integration.ray_train import TuneReportCallback
 
         run_cfg = trainer.run_config(cfg, cfg.train.run_name, storage, callbacks=[TuneReportCallback()])
-        trainer.deliver_held(cfg, run_id, trainer.make_trainer(cfg, run_id, run_cfg).fit())
+        trainer.deliver_held(cfg, run_id, trainer.make_trainer(cfg, run_id, run_cfg, score_in_loop=True).fit())
     tracking.end_run(cfg, run_id)
 
 
@@ -151,7 +151,8 @@ def _run_segments(cfg: Config, run_id: str, storage: str) -> None:
         seg = copy.deepcopy(cfg)
         seg.train.steps = min(start + cfg.tune.perturbation_interval, cfg.train.steps)
         name = f"{cfg.train.run_name}-from{start:07d}-{uuid.uuid4().hex[:6]}"
-        result = trainer.make_trainer(seg, run_id, trainer.run_config(seg, name, storage), init_from=resume).fit()
+        result = trainer.make_trainer(seg, run_id, trainer.run_config(seg, name, storage), init_from=resume,
+                                      score_in_loop=True).fit()
         trainer.deliver_held(cfg, run_id, result)
         metrics = dict(result.metrics or {})
         start, resume = int(metrics["step"]), result.checkpoint

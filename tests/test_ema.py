@@ -59,9 +59,9 @@ def test_checkpoint_keeps_the_ema_and_the_exported_generator_is_the_recalibrated
         assert torch.equal(a, b)
 
     # What is evaluated and exported: the EMA's weights with batch norm recalibrated from noise, else G itself.
-    from dcgan_dist.trainer import export_generator
+    from dcgan_dist.ema import generator_from_state
 
-    exported = export_generator(loaded, cfg)
+    exported = generator_from_state(loaded, cfg.model, cfg.metrics.seed)
     assert not exported.training
     for name, p in exported.named_parameters():
         assert torch.equal(p, loaded["ema"][name]) and not torch.equal(p, loaded["generator"][name])
@@ -71,7 +71,7 @@ def test_checkpoint_keeps_the_ema_and_the_exported_generator_is_the_recalibrated
     assert not torch.equal(exported.state_dict()[bn], loaded["ema"][bn])
     assert evaluated_generator(g, None, cfg.model.nz, 0) is g and not g.training
     no_ema = dict(loaded, ema=None)
-    plain = export_generator(no_ema, cfg)
+    plain = generator_from_state(no_ema, cfg.model, cfg.metrics.seed)
     assert all(torch.equal(v, loaded["generator"][k]) for k, v in plain.state_dict().items())
 
 
