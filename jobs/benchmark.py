@@ -51,6 +51,19 @@ def main() -> int:
     rp.add_argument("--log-every", type=int, default=25, help="training's images/s window")
     rp.add_argument("--workdir", help="keep the run's MLflow store and checkpoints here (default: a temporary folder)")
     rp.add_argument("--json", help="write the rows to this file")
+    ep = sub.add_parser("eval-overhead", help="training steps/s with evaluation off, scored in the loop, and scored "
+                        "beside training (Ray Train's checkpoint validation)")
+    ep.add_argument("--steps", type=int, default=300)
+    ep.add_argument("--eval-every", type=int, default=50)
+    ep.add_argument("--num-images", type=int, default=2048, help="generated images per evaluation")
+    ep.add_argument("--workdir", help="keep the runs' MLflow store and checkpoints here (default: a temporary folder)")
+    ep.add_argument("--json", help="write the rows to this file")
+    gp = sub.add_parser("gpu", help="the first GPU run in one go (make bench-gpu): preflight, step table, training "
+                        "from local shards and loopback S3, decode vs step, a resume, NCCL on one GPU")
+    gp.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: check the script without a GPU")
+    gp.add_argument("--images", type=int, default=4000)
+    gp.add_argument("--steps", type=int, default=300)
+    gp.add_argument("--json", help="write the result to this file")
     sp = sub.add_parser("scaling", help="compute and allreduce time per step, and the predicted scaling table")
     sp.add_argument("--resolution", type=int, default=64)
     sp.add_argument("--preset", default="examples", choices=["examples", "paper"])
@@ -62,7 +75,7 @@ def main() -> int:
                          "Gbit/s, measured vs the ring model (needs root; uses tests/netbed.py)")
     sp.add_argument("--json", help="write the result to this file")
     args = p.parse_args()
-    from bench import data, ray_overhead, scaling, step
+    from bench import data, eval_overhead, gpu, ray_overhead, scaling, step
 
     if args.what == "step":
         variants = {}
@@ -83,6 +96,16 @@ def main() -> int:
                 json.dump(result, f, indent=2)
         print_table(rows)
         return 0
+    elif args.what == "gpu":
+        result = gpu.bench_gpu(args.device, args.images, args.steps)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        print(json.dumps(result["preflight"]))
+        print_table(gpu.summary_rows(result))
+        return 1 if result["errors"] else 0
+    elif args.what == "eval-overhead":
+        rows = eval_overhead.bench_eval_overhead(args.steps, args.eval_every, args.num_images, workdir=args.workdir)
     elif args.what == "ray-overhead":
         rows = ray_overhead.bench_ray_overhead(args.steps, args.batch, args.resolution, args.log_every,
                                                args.workdir)

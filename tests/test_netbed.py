@@ -140,7 +140,7 @@ def test_cut_partitions_and_restore_heals(bed):
 
 def test_shape_delay_and_unshape(bed):
     a = bed["a"]
-    assert rtt(a.ip, PORT) < 0.05
+    assert rtt(a.ip, PORT) < 0.15  # unshaped: far below the shaped 0.4 s even on a loaded 2-core machine
     a.shape(delay_ms=200)
     try:
         slow = rtt(a.ip, PORT, n=2)
@@ -149,7 +149,7 @@ def test_shape_delay_and_unshape(bed):
         a.unshape()
     assert slow >= 0.39  # 200 ms each way
     assert (p.returncode, p.stdout) == (0, "slow-b"), p.stderr
-    assert rtt(a.ip, PORT) < 0.05
+    assert rtt(a.ip, PORT) < 0.15
     assert echo_from(bed["b"], a.ip, PORT, "fast-b").stdout == "fast-b"
 
 
