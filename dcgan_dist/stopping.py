@@ -1,10 +1,16 @@
 """A clean stop: SIGTERM (what `ray job stop` and schedulers send) ends training with a checkpoint, not a loss.
 
-The driver, on the first SIGTERM, leaves a stop request in Ray's key-value store; rank 0 reads it at every log
-step and sends it with the step's metrics, so all ranks agree on the step; they save a checkpoint there and leave the loop. The
-driver then ends the MLflow run as KILLED. If the workers have not finished within `train.stop_timeout_s` (or a
-second SIGTERM comes), the driver stops waiting. `ray job stop` waits only RAY_JOB_STOP_WAIT_TIME_S (3 s by
-default) before SIGKILL: set it in the job's runtime_env env_vars to give the workers time (README).
+The driver holds a `StopRequest` actor for the job; on the first SIGTERM it sets it. Rank 0 asks it at every log
+step and sends the answer with the step's metrics, so all ranks agree on the step; they save a checkpoint there and
+leave the loop. The driver then ends the MLflow run as KILLED. If the workers have not finished within
+`train.stop_timeout_s` (or a second SIGTERM comes), the driver stops waiting.
+
+Why an actor of the driver, not a record in a cluster-wide store: the request must belong to one job and die with
+it. `ray job stop` sends SIGKILL `RAY_JOB_STOP_WAIT_TIME_S` (3 s by default) after SIGTERM, before any clean-up of
+the driver can run; a record left in Ray's key-value store (as this module once did, through a private API)
+outlived the job, and the next submit of the same run found it and stopped at its first log step. An actor is
+owned by the driver's job, and Ray ends it with the job however the job ends. (Set RAY_JOB_STOP_WAIT_TIME_S in the
+job's runtime_env env_vars to give the workers time to checkpoint: README.)
 """
 
 from __future__ import annotations
@@ -15,32 +21,51 @@ import signal
 import threading
 from typing import Iterator
 
-from ray.experimental import internal_kv
+import ray
 
 from dcgan_dist.errors import Stopped
 
 log = logging.getLogger(__name__)
-NAMESPACE = "dcgan-dist"
 
 
-def _key(run_id: str) -> str:
-    return f"stop/{run_id}"
+@ray.remote(num_cpus=0)
+class StopRequest:
+    """Whether this job was asked to stop. Owned by the driver: it ends with the job."""
+
+    def __init__(self):
+        self.requested = False
+
+    def request(self) -> None:
+        self.requested = True
+
+    def get(self) -> bool:
+        return self.requested
 
 
-def stop_requested(run_id: str) -> bool:
-    """Rank 0 asks the store; the training loop hands its answer to every rank with the log step's metrics."""
-    return bool(internal_kv._internal_kv_get(_key(run_id), namespace=NAMESPACE))
+def stop_requested(request) -> bool:
+    """Rank 0's question at a log step. The actor gone means its job's driver is gone: stop with a checkpoint."""
+    if request is None:  # a search's trial: Tune stops its trials itself
+        return False
+    try:
+        return ray.get(request.get.remote(), timeout=30)
+    except ray.exceptions.RayActorError:
+        log.warning("the job's driver is gone: saving a checkpoint and stopping")
+        return True
+    except ray.exceptions.GetTimeoutError:
+        log.warning("no answer from the job's stop request within 30 s; going on")
+        return False
 
 
 @contextlib.contextmanager
-def stop_on_sigterm(run_id: str, timeout_s: float) -> Iterator[dict]:
+def stop_on_sigterm(timeout_s: float) -> Iterator[dict]:
     """While the driver waits for training: the first SIGTERM asks the workers to checkpoint and leave. Yields a
-    dict whose "requested" says whether that happened. Only the main thread can take signals; elsewhere (a Tune
-    trial) this does nothing."""
-    state = {"requested": False}
+    dict: "request", the handle to give the workers, and "requested", whether a stop was asked for. Only the main
+    thread can take signals; elsewhere (a Tune trial) this does nothing and the handle is None."""
+    state = {"requested": False, "request": None}
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
+    request = state["request"] = StopRequest.remote()
 
     def on_alarm(signum, frame):
         raise Stopped(f"the workers did not save a checkpoint within train.stop_timeout_s={timeout_s:g} s")
@@ -49,7 +74,7 @@ def stop_on_sigterm(run_id: str, timeout_s: float) -> Iterator[dict]:
         if state["requested"]:
             raise Stopped("a second SIGTERM: stopped without waiting for a checkpoint")
         state["requested"] = True
-        internal_kv._internal_kv_put(_key(run_id), b"1", namespace=NAMESPACE)
+        request.request.remote()
         log.warning("SIGTERM: the workers save a checkpoint at their next log step and stop (waiting at most %g s)",
                     timeout_s)
         signal.signal(signal.SIGALRM, on_alarm)
@@ -61,5 +86,5 @@ def stop_on_sigterm(run_id: str, timeout_s: float) -> Iterator[dict]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, previous)
-        with contextlib.suppress(Exception):  # Ray may be gone already; the key dies with the cluster anyway
-            internal_kv._internal_kv_del(_key(run_id), namespace=NAMESPACE)
+        with contextlib.suppress(Exception):  # it ends with the job anyway; now it can go
+            ray.kill(request)

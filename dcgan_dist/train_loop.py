@@ -238,7 +238,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if log_now or save_now:
             # One collective and one device-to-host read per log step: the metrics and rank 0's answer to "was a
             # stop requested?" travel together, so every rank agrees on the step to stop at.
-            asked = rank == 0 and log_now and stop_requested(loop_config["mlflow_run_id"])
+            asked = rank == 0 and log_now and stop_requested(loop_config.get("stop_request"))
             metrics, evaluation = window.collect(batches, cfg.global_batch, stop=asked), None
             stopping = metrics.pop("stop") > 0
             # A node being drained for preemption (how a spot instance's notice reaches Ray). Ray makes this call a

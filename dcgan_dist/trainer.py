@@ -134,11 +134,11 @@ def run_config(cfg: Config, name: str, storage_path: str | None = None, callback
 
 def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
                  init_from: ray.train.Checkpoint | None = None, loop=train_loop_per_worker,
-                 score_in_loop: bool = False) -> TorchTrainer:
+                 score_in_loop: bool = False, stop_request=None) -> TorchTrainer:
     """`init_from`: a checkpoint a new run starts from (PBT); the run's own checkpoints, once any exist, win.
     `loop`: the per-worker function (tests wrap the real one in probes). Evaluations are scored by a Ray task beside
     training (Ray Train's checkpoint validation), or with `score_in_loop` by the ranks at the step (a search: its
-    scheduler needs the number in the step's report)."""
+    scheduler needs the number in the step's report). `stop_request`: the job's `stopping.StopRequest`."""
     r = cfg.ray
     # Ray Train reads this from the driver's environment and hands it to its controller. A node lost without
     # notice still counts as alive for a while; the first restart waits this long for it before trying fewer.
@@ -154,7 +154,7 @@ def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
         loop,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from": init_from,
                            "shards": dataclasses.asdict(shards_of(cfg)), "driver_ip": driver_ip,
-                           "score_in_loop": score_in_loop},
+                           "score_in_loop": score_in_loop, "stop_request": stop_request},
         validation_config=validation,
         scaling_config=ray.train.ScalingConfig(
             # MIN-MAX: Ray Train restarts on what is left (>= MIN) after a loss and grows back at a resize check
@@ -230,9 +230,9 @@ def _train_holding_the_lease(cfg: Config) -> TrainOutcome:
     log.info("%s MLflow run %s (%s), run name %r", "resuming" if resumed else "started", run_id,
              tracking.redact(cfg.tracking.uri), run_name)
     init_ray(cfg)
-    trainer = make_trainer(cfg, run_id, run_config(cfg, run_name))
     try:
-        with stop_on_sigterm(run_id, cfg.train.stop_timeout_s) as stop:
+        with stop_on_sigterm(cfg.train.stop_timeout_s) as stop:
+            trainer = make_trainer(cfg, run_id, run_config(cfg, run_name), stop_request=stop["request"])
             result = trainer.fit()
     except BaseException as e:
         end_run_quietly(cfg, run_id, "KILLED" if isinstance(e, (Stopped, KeyboardInterrupt)) else "FAILED")

@@ -45,7 +45,8 @@ def local_ray():
 
     # "local": a new instance, whatever /tmp/ray/ray_current_cluster (left by any earlier `ray start` on the
     # machine, live or not) names; without it ray.init() would try to join that one.
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    context = ray.init(address="local", num_cpus=2, log_to_driver=False)
+    os.environ["DCGAN_TEST_DASHBOARD"] = f"http://{context.dashboard_url}"  # its job server, for `ray job submit`
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -98,14 +98,17 @@ def test_happy_path_two_hosts_s3_and_mlflow_with_auth(cluster):
     # Secrets stay on the nodes: not in the job's runtime_env or logs, nor in MLflow params.
     jobs = cluster.api("/api/jobs/")
     assert cluster.mlflow_password not in str(jobs) + out and cluster.token not in str(jobs) + out
-    assert cluster.mlflow_password not in str(run.data.params) + str(run.data.tags)
     secrets_ = (cluster.token.encode(), cluster.mlflow_password.encode(), cluster.mlflow_admin_password.encode())
+    assert not any(x.decode() in str(run.data.params) + str(run.data.tags) for x in secrets_)
     s3 = boto3.client("s3", endpoint_url=cluster.s3_url)
-    for key in s3_keys(cluster, "ckpt", "runs/happy/"):  # checkpoint files
-        body = s3.get_object(Bucket="ckpt", Key=key)["Body"].read()
+    stored = [("ckpt", k) for k in s3_keys(cluster, "ckpt", "runs/happy/")]  # checkpoint files
+    stored += [("mlflow", k) for k in s3_keys(cluster, "mlflow", "artifacts/") if k.endswith(".yaml")]  # config.yaml
+    assert any(k.endswith("config.yaml") for _, k in stored), "no config.yaml artifact in S3 to scan"
+    for bucket, key in stored:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert not any(x in body for x in secrets_), key
-    for host in (cluster.head, *cluster.workers):  # every Ray log of every node
-        for log in host.ray_tmp.glob("session_*/logs/*"):
+    for host in (cluster.head, *cluster.workers):  # every Ray log of every node, subfolders included
+        for log in host.ray_tmp.glob("session_*/logs/**/*"):
             if log.is_file():
                 assert not any(x in log.read_bytes() for x in secrets_), log
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -204,3 +205,47 @@ def test_a_second_job_on_a_busy_run_name_is_refused_and_sigterm_stops_the_first_
     run_id = find_run(cfg, "stopped")
     assert client.get_run(run_id).info.status == "KILLED"
     assert history(client, run_id, "loss_d") == list(range(2, step + 1, 2))
+
+
+def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_end(local_ray, tmp_path, digits_dir):
+    """`ray job stop` through the real job server, with Ray's default 3 s between SIGTERM and SIGKILL: the driver
+    dies before any clean-up of its own. Its stop request must die with it: the same submit again resumes and trains
+    to train.steps (a request left in Ray's key-value store stopped it at its first log step, exit 0)."""
+    import sys
+
+    from conftest import REPO, sets
+
+    steps = 30
+    overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "jobstop", "train.steps": steps,
+                                                         "train.checkpoint_every": 4, "train.sample_every": 0,
+                                                         "tracking.register": "false"})
+    cfg = load_config(overrides=overrides)
+    ray_cli = [str(Path(sys.executable).parent / "ray"), "job"]
+    address = ["--address", os.environ["DCGAN_TEST_DASHBOARD"]]
+    entry = ["--", sys.executable, str(REPO / "jobs" / "train.py"), *sets(overrides)]
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.run([*ray_cli, "submit", *address, "--no-wait", *entry], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    job_id = re.search(r"Job '([^']+)' submitted successfully", first.stdout + first.stderr).group(1)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if 6 in history(MlflowClient(cfg.tracking.uri), find_run(cfg, "jobstop"), "loss_d"):
+                break
+        except Exception:  # the database or the run not made yet
+            pass
+        time.sleep(0.2)
+    stop = subprocess.run([*ray_cli, "stop", *address, job_id], capture_output=True, text=True, env=env, timeout=120)
+    assert stop.returncode == 0 and "stopped" in (stop.stdout + stop.stderr).lower(), stop.stdout + stop.stderr
+    stopped_at = max(history(MlflowClient(cfg.tracking.uri), find_run(cfg, "jobstop"), "loss_d"))
+    assert stopped_at < steps, "the first job had finished before it was stopped"
+
+    again = subprocess.run([*ray_cli, "submit", *address, *entry], capture_output=True, text=True, env=env,
+                           timeout=300)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-6000:]
+    assert f"finished at step {steps}" in out, out[-6000:]
+    assert (tmp_path / "ray_results" / "jobstop" / f"checkpoint_{steps:08d}" / "state.pt").is_file()
+    assert max(history(MlflowClient(cfg.tracking.uri), find_run(cfg, "jobstop"), "loss_d")) == steps
