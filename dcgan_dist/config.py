@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,12 +325,22 @@ def read_yaml(path: str | Path, what: str) -> Any:
         raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
 
 
+# MLflow's and Ray's own settings, read where their docs say they are read: `ray job submit` sets RAY_ADDRESS for
+# every job; MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME are MLflow's. A config file and --set still win.
+ENVIRONMENT = {"MLFLOW_TRACKING_URI": "tracking.uri", "MLFLOW_EXPERIMENT_NAME": "tracking.experiment",
+               "RAY_ADDRESS": "ray.address"}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 defaults: dict[str, Any] | None = None) -> Config:
-    """Defaults (plus `defaults`, flat keys), then the YAML file, then `--set` overrides; then validation."""
+    """Defaults (plus `defaults`, flat keys), then MLflow's and Ray's environment variables (`ENVIRONMENT`), then the
+    YAML file, then `--set` overrides; then validation."""
     cfg = Config()
     for key, value in (defaults or {}).items():
         set_key(cfg, key, value)
+    for variable, key in ENVIRONMENT.items():
+        if os.environ.get(variable):
+            set_key(cfg, key, os.environ[variable])
     if path:
         _apply_mapping(cfg, read_yaml(path, "config file"), str(path))
     for text in overrides:

@@ -72,8 +72,9 @@ def prepare_inputs(cfg: Config) -> Config:
         if cfg.ray.address:
             raise ConfigError(
                 f"ray.storage_path {cfg.ray.storage_path!r} is a folder on this machine, but ray.address "
-                f"{cfg.ray.address!r} is a cluster: checkpoints written on a node are lost with it. Use "
-                "s3://bucket/prefix, or file:///path for a folder that every node mounts")
+                f"{cfg.ray.address!r} (or RAY_ADDRESS, which `ray job submit` sets) is a cluster: checkpoints "
+                "written on a node are lost with it. Use s3://bucket/prefix, or file:///path for a folder that "
+                "every node mounts")
         cfg.ray.storage_path = str(Path(cfg.ray.storage_path).resolve())
 
     shard_set = shards_of(cfg)

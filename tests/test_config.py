@@ -110,3 +110,26 @@ def test_num_workers_is_a_count_or_an_elastic_range():
             load_config(overrides=[f"ray.num_workers={bad}"])
     with pytest.raises(ConfigError, match="train.key_log: needs data.streams > 0"):
         load_config(overrides=["train.key_log=/tmp/keys"])
+
+
+def test_mlflow_and_ray_environment_variables_are_honoured_and_set_wins(monkeypatch, tmp_path, digits_dir):
+    """MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME (MLflow's), RAY_ADDRESS (set by `ray job submit` for every job):
+    read as their docs say; --set still wins. A job with RAY_ADDRESS is on a cluster: a folder on this machine as
+    checkpoint storage is refused there as it is with ray.address."""
+    from dcgan_dist.errors import ConfigError
+    from dcgan_dist.trainer import prepare_inputs
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    assert load_config().tracking.uri == "sqlite:///mlflow.db" and load_config().ray.address == ""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "bedrooms")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    cfg = load_config()
+    assert (cfg.tracking.uri, cfg.tracking.experiment, cfg.ray.address) == (
+        "http://127.0.0.1:5999", "bedrooms", "http://127.0.0.1:8265")
+    cfg = load_config(overrides=["tracking.uri=sqlite:///other.db", "tracking.experiment=dcgan", "ray.address="])
+    assert (cfg.tracking.uri, cfg.tracking.experiment, cfg.ray.address) == ("sqlite:///other.db", "dcgan", "")
+    with pytest.raises(ConfigError, match=r"ray.storage_path .* is a folder on this machine, but ray.address "
+                                          r"'http://127.0.0.1:8265' \(or RAY_ADDRESS"):
+        prepare_inputs(load_config(overrides=[f"ray.storage_path={tmp_path}", f"data.url={digits_dir}"]))

@@ -174,7 +174,9 @@ def test_a_second_job_on_a_busy_run_name_is_refused_and_sigterm_stops_the_first_
 
     overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "stopped", "train.steps": 100000,
                                                          "train.checkpoint_every": 100000, "train.sample_every": 0,
-                                                         "tracking.register": "false"})
+                                                         "tracking.register": "false",
+                                                         # RAY_ADDRESS counts as a cluster: a folder it shares
+                                                         "ray.storage_path": f"file://{tmp_path / 'ray_results'}"})
     cfg = load_config(overrides=overrides)
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *sets(overrides)], cwd=tmp_path,
                             env={**os.environ, "RAY_ADDRESS": local_ray}, stdout=subprocess.PIPE,
@@ -218,7 +220,8 @@ def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_
     steps = 30
     overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "jobstop", "train.steps": steps,
                                                          "train.checkpoint_every": 4, "train.sample_every": 0,
-                                                         "tracking.register": "false"})
+                                                         "tracking.register": "false",
+                                                         "ray.storage_path": f"file://{tmp_path / 'ray_results'}"})
     cfg = load_config(overrides=overrides)
     ray_cli = [str(Path(sys.executable).parent / "ray"), "job"]
     address = ["--address", os.environ["DCGAN_TEST_DASHBOARD"]]

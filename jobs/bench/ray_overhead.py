@@ -52,7 +52,7 @@ def bench_ray_overhead(steps: int = 300, batch: int = 64, resolution: int = 32, 
     cpus = os.cpu_count() or 1
     base = [f"model.resolution={resolution}", f"train.batch_size={batch}", "ray.num_workers=1",
             f"ray.cpus_per_worker={cpus}", "train.eval_every=0", "train.sample_every=0", "tracking.register=false",
-            f"ray.storage_path={work / 'ray'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
+            f"ray.storage_path=file://{work / 'ray'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
     cfg = prepare_inputs(load_config(overrides=base))
     # One run gives both numbers: its launch-to-first-step time, and its images/s windows after the first.
     run_name = f"bench-ray-overhead-{int(time.time())}"
