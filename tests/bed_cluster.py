@@ -157,7 +157,8 @@ class BedCluster:
         self.dashboard = f"http://{self.head.ip}:{DASHBOARD_PORT}"   # the laptop's end of `ray dashboard`
         self.mlflow_proc = None
         for host in bed:
-            self._provision(host)
+            if host.name != "outsider":  # a host on the network but not in the cluster holds no secret
+                self._provision(host)
 
     def _provision(self, host: Host) -> None:
         """The file_mounts of ray_cluster.yaml: the Ray token and the MLflow client login, in the host's HOME."""
@@ -213,10 +214,19 @@ class BedCluster:
             r = host.run(cmd, timeout=120, env=NODE_ENV)
             assert r.returncode == 0, f"{host.name}: {cmd}\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
 
-    def api(self, path: str):
-        request = urllib.request.Request(f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {self.token}"})
+    def api(self, path: str, method: str = "GET"):
+        request = urllib.request.Request(f"{self.dashboard}{path}", method=method,
+                                         headers={"Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(request, timeout=5) as r:
             return json.load(r)
+
+    def stop_running_jobs(self) -> list[str]:
+        """Stop every job still running (a scenario that failed before its job ended would starve the next ones)."""
+        running = [j["submission_id"] for j in self.api("/api/jobs/")
+                   if j["status"] in ("PENDING", "RUNNING") and j.get("submission_id")]
+        for job in running:
+            self.api(f"/api/jobs/{job}/stop", method="POST")
+        return running
 
     def alive_workers(self) -> list[str]:
         """Node IPs of the live worker nodes, as the head's state API sees them."""

@@ -36,6 +36,16 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def mlflow_settings_do_not_leak():
+    """mlflow.set_tracking_uri() (which the jobs call) also sets MLFLOW_TRACKING_URI in the process environment, and
+    load_config reads that variable as a user's setting: restore both of MLflow's variables after every test."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
+    yield
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """One local Ray cluster for every in-process test that trains (starting one costs ~10 s). The dashboard

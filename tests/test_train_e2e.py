@@ -217,9 +217,9 @@ def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_
 
     from conftest import REPO, sets
 
-    steps = 30
+    steps = 100
     overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "jobstop", "train.steps": steps,
-                                                         "train.checkpoint_every": 4, "train.sample_every": 0,
+                                                         "train.checkpoint_every": 5, "train.sample_every": 0,
                                                          "tracking.register": "false",
                                                          "ray.storage_path": f"file://{tmp_path / 'ray_results'}"})
     cfg = load_config(overrides=overrides)
@@ -228,6 +228,7 @@ def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_
     entry = ["--", sys.executable, str(REPO / "jobs" / "train.py"), *sets(overrides)]
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
+    t0 = time.time()
     first = subprocess.run([*ray_cli, "submit", *address, "--no-wait", *entry], capture_output=True, text=True,
                            env=env, timeout=120)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -240,10 +241,12 @@ def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_
         except Exception:  # the database or the run not made yet
             pass
         time.sleep(0.2)
+    print(f"first job at step 6 after {time.time() - t0:.0f} s")
     stop = subprocess.run([*ray_cli, "stop", *address, job_id], capture_output=True, text=True, env=env, timeout=120)
     assert stop.returncode == 0 and "stopped" in (stop.stdout + stop.stderr).lower(), stop.stdout + stop.stderr
     stopped_at = max(history(MlflowClient(cfg.tracking.uri), find_run(cfg, "jobstop"), "loss_d"))
     assert stopped_at < steps, "the first job had finished before it was stopped"
+    print(f"the first job was stopped at step {stopped_at} of {steps} after {time.time() - t0:.0f} s")
 
     again = subprocess.run([*ray_cli, "submit", *address, *entry], capture_output=True, text=True, env=env,
                            timeout=300)
