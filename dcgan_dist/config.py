@@ -107,8 +107,8 @@ class TrainConfig:
     beta1: float = doc("Adam beta1 (the paper uses 0.5)", 0.5, BELOW_ONE)
     beta2: float = doc("Adam beta2", 0.999, BELOW_ONE)
     seed: int = doc("seed for weights, noise and data order", 0)
-    log_every: int = doc("steps between metric reports", 10, POSITIVE)
-    checkpoint_every: int = doc("steps between checkpoints (metrics reach MLflow with each checkpoint)", 100, POSITIVE)
+    log_every: int = doc("steps between metric reports (to MLflow at once)", 10, POSITIVE)
+    checkpoint_every: int = doc("steps between checkpoints", 100, POSITIVE)
     stop_timeout_s: float = doc("on SIGTERM, how long the driver waits for the workers' last checkpoint", 60.0,
                                 POSITIVE)
     lease_ttl_s: float = doc("the run-name lease in S3 lapses this long after its job died (renewed every third)",

@@ -266,11 +266,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          metrics["images_per_s"], "".join(f"  {k} {v:.3f}" for k, v in scores.items() if "_" not in k),
                          "  [checkpoint]" if save_now else "")
                 logger.add(step, metrics)
+                # Sent now, not at the next checkpoint: a step redone after a resume is skipped on the way out,
+                # since the run already has it (RunLogger reads how far the run got when it starts).
+                logger.flush()
             if save_now:
                 save_checkpoint(step_fn, ema, batches, cfg, step, start, rank, metrics, evaluation, logger,
                                 score=eval_now and not evaluator)
-                if logger:
-                    logger.flush()  # the checkpoint is persisted: these steps will not be redone
         if sample_now:
             if shown is None:
                 shown = shown_generator(step_fn.g, ema.module if ema else None, m.nz, cfg.metrics.seed)

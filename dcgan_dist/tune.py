@@ -197,7 +197,7 @@ def search(cfg: Config, space: Space) -> SearchOutcome:
         tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=tc.num_samples,
                                     max_concurrent_trials=limit, scheduler=_scheduler(cfg, space),
                                     search_alg=search_alg, trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name=name, storage_path=cfg.ray.storage_path, verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=cfg.ray.storage_path, verbose=1,  # the trial table as it goes
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     try:

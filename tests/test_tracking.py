@@ -1,3 +1,5 @@
+import getpass
+
 from mlflow import MlflowClient
 
 from dcgan_dist.config import load_config
@@ -21,6 +23,10 @@ def test_credentials_never_reach_params_or_config_artifact(tmp_path):
     local = client.download_artifacts(run_id, "config.yaml", str(tmp_path))
     assert "hunter2" not in open(local).read()
     assert start_run(cfg, "secrets") == (run_id, True)  # same name: the same run again
+    # MLflow's standard context tags, as mlflow.start_run would set them (create_run sets none by itself)
+    tags = client.get_run(run_id).data.tags
+    assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] and tags["dcgan.run_name"] == "secrets"
 
 
 def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):

@@ -101,7 +101,7 @@ class RunLogger:
         self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
 
     def flush(self) -> None:
-        """Hand buffered metrics to the sender; called right after a checkpoint is persisted."""
+        """Hand buffered metrics to the sender (the training loop does at every log step)."""
         self.resend(self.pending)
         self.pending = []
 

@@ -12,6 +12,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags
 
 from dcgan_dist.config import Config
 from dcgan_dist.errors import TrackingError
@@ -51,6 +52,9 @@ def create_run(cfg: Config, run_name: str, tags: dict[str, str], params: dict | 
     """The one way a run is created: in the config's experiment, named and tagged, with params (redacted, each
     cut to 500 characters). Returns the run id."""
     client = MlflowClient(cfg.tracking.uri)
+    # MLflow's standard context (mlflow.user, mlflow.source.name and .type, the git commit where there is one), as
+    # mlflow.start_run adds it and MlflowClient.create_run does not; our tags win.
+    tags = resolve_tags(tags)
     run_id = client.create_run(experiment_id(cfg), run_name=run_name, tags=tags).info.run_id
     if params:
         client.log_batch(run_id, params=[Param(k, redact(v)[:500]) for k, v in params.items()])
