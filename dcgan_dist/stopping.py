@@ -23,6 +23,7 @@ from typing import Iterator
 
 import ray
 
+from dcgan_dist import errors
 from dcgan_dist.errors import Stopped
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,46 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class StopRequest:
-    """Whether this job was asked to stop. Owned by the driver: it ends with the job."""
+    """Whether this job was asked to stop, and the error no restart can fix if a worker met one. Owned by the
+    driver: it ends with the job."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.fatal = False, None
 
     def request(self) -> None:
         self.requested = True
 
     def get(self) -> bool:
         return self.requested
+
+    def fail(self, kind: str, message: str) -> None:
+        self.fatal = self.fatal or (kind, message)
+
+    def get_fatal(self) -> tuple[str, str] | None:
+        return self.fatal
+
+
+# Errors that a restart from the last checkpoint meets again: bad or changed data past the data.* limits, no
+# readable checkpoint, a config the workers refuse. Ray Train would retry them ray.max_failures times (forever
+# with -1, the spot recipe), so a worker that meets one records it and the restarted group stops at once.
+UNFIXABLE = (errors.DataError, errors.CheckpointError, errors.ConfigError)
+
+
+def report_fatal(request, error: errors.DcganError) -> None:
+    if request is not None:
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(request.fail.remote(type(error).__name__, str(error.one_line())), timeout=10)
+
+
+def fatal_error(request) -> errors.DcganError | None:
+    """The error a worker of this job recorded as one no restart can fix, or None."""
+    if request is None:
+        return None
+    try:
+        found = ray.get(request.get_fatal.remote(), timeout=30)
+    except ray.exceptions.RayError:
+        return None
+    return getattr(errors, found[0], errors.DcganError)(found[1]) if found else None
 
 
 def stop_requested(request) -> bool:
@@ -59,9 +90,10 @@ def stop_requested(request) -> bool:
 @contextlib.contextmanager
 def stop_on_sigterm(timeout_s: float) -> Iterator[dict]:
     """While the driver waits for training: the first SIGTERM asks the workers to checkpoint and leave. Yields a
-    dict: "request", the handle to give the workers, and "requested", whether a stop was asked for. Only the main
-    thread can take signals; elsewhere (a Tune trial) this does nothing and the handle is None."""
-    state = {"requested": False, "request": None}
+    dict: "request", the handle to give the workers, "requested", whether a stop was asked for, and at the end
+    "fatal", the error a worker met that no restart can fix (or None). Only the main thread can take signals;
+    elsewhere (a Tune trial) this does nothing and the handle is None."""
+    state = {"requested": False, "request": None, "fatal": None}
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
@@ -86,5 +118,6 @@ def stop_on_sigterm(timeout_s: float) -> Iterator[dict]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, previous)
+        state["fatal"] = fatal_error(request)
         with contextlib.suppress(Exception):  # it ends with the job anyway; now it can go
             ray.kill(request)

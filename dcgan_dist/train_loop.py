@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -30,11 +32,12 @@ from dcgan_dist.data.loader import ShardSet, make_batches, to_model_input
 from dcgan_dist.data.streams import StreamBatches
 from dcgan_dist.ddp_hooks import AllreduceTimer
 from dcgan_dist.ema import GeneratorEMA, shown_generator
+from dcgan_dist.errors import CheckpointError
 from dcgan_dist.evaluation import UNSCORED
 from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
-from dcgan_dist.stopping import stop_requested
+from dcgan_dist.stopping import UNFIXABLE, fatal_error, report_fatal, stop_requested
 from dcgan_dist.torch_utils import gather, to_layout, unwrap
 
 log = logging.getLogger(__name__)
@@ -143,6 +146,36 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
                          validation=score and ckpt is not None)
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")
+
+
+def run_folder(ckpt: ray.train.Checkpoint) -> str:
+    return ckpt.path.rstrip("/").rsplit("/", 1)[0]
+
+
+def newest_readable(own: ray.train.Checkpoint) -> tuple[str, list[str]]:
+    """The name of the run's newest checkpoint that reads back whole, and the newer ones skipped (with why).
+
+    Ray hands back its own record of the latest checkpoint. That one can be unreadable (a truncated upload, a full
+    disk), and a newer one can sit in storage that Ray never recorded (the head lost between the upload and the
+    controller's record): so every checkpoint folder of the run is a candidate, newest first."""
+    folder, fs = run_folder(own), own.filesystem
+    names = sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
+                    if info.type == pyarrow.fs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name)),
+                   reverse=True)
+    skipped = []
+    for name in names:
+        try:
+            with ray.train.Checkpoint(path=f"{folder}/{name}", filesystem=fs).as_directory() as ckpt_dir:
+                checkpoint.load(ckpt_dir)  # the whole file, as the resume will read it
+        except (CheckpointError, OSError) as e:
+            skipped.append(f"{name}: {e}")
+            log.warning("skipping checkpoint %s/%s: %s", folder, name, e)
+            continue
+        return name, skipped
+    raise CheckpointError(f"no checkpoint of the run in {folder} can be read: " + "; ".join(skipped))
+
+
 def make_data(cfg: Config, shards: ShardSet, rank: int, world: int, start: int, resumed: dict | None):
     """This rank's batches: its part of a global batch of train.batch_size x the most workers, so an elastic group
     of any size takes the same optimisation step. With data.streams the images of each step are also the same set
@@ -159,6 +192,19 @@ def make_data(cfg: Config, shards: ShardSet, rank: int, world: int, start: int, 
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """The loop, unless a worker of this job already met an error no restart can fix (then the group Ray Train
+    restarted leaves at once, whatever ray.max_failures says, and the driver reports the error)."""
+    request = loop_config.get("stop_request")
+    if fatal_error(request) is not None:
+        return
+    try:
+        run_loop(loop_config)
+    except UNFIXABLE as e:
+        report_fatal(request, e)
+        raise
+
+
+def run_loop(loop_config: dict) -> None:
     # [1] setup: who we are, the step, where it resumes, DDP, data, tracking
     _log_to_console()
     cfg = from_dict(loop_config["config"])
@@ -170,8 +216,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     step_fn = GANStep.from_config(cfg, device, sync_batchnorm=t.sync_batchnorm and world > 1)
     ema = GeneratorEMA(step_fn.g, t.ema_decay) if t.ema_decay > 0 else None
-    start, resumed = 1, None
+    start, resumed, skipped = 1, None, []
     own = ray.train.get_checkpoint()
+    if own:  # rank 0 picks, every rank loads the same one
+        name, skipped = newest_readable(own) if rank == 0 else (None, [])
+        own = ray.train.Checkpoint(path=f"{run_folder(own)}/{gather(name)[0]}", filesystem=own.filesystem)
     source = own or loop_config.get("init_from")  # the run's own, else a PBT donor's
     if source:
         with source.as_directory() as ckpt_dir:
@@ -202,6 +251,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.resend(tracking.read_held(own))
     if logger:
         logger.set_tags({"precision": step_fn.precision, "device": str(device)})  # what `auto` became, where
+        if skipped:
+            logger.set_tags({f"dcgan.resume.skipped.step_{start:08d}": "; ".join(skipped)[:5000]})
         if resumed and len(resumed["rng"]) != world:  # elastic: the group shrank or grew (one RNG state a rank)
             log.info("resized: %d -> %d workers at step %d", len(resumed["rng"]), world, start)
             logger.set_tags({f"dcgan.resize.step_{start:08d}": f"{len(resumed['rng'])} -> {world} workers"})

@@ -231,16 +231,20 @@ def _train_holding_the_lease(cfg: Config) -> TrainOutcome:
     log.info("%s MLflow run %s (%s), run name %r", "resuming" if resumed else "started", run_id,
              tracking.redact(cfg.tracking.uri), run_name)
     init_ray(cfg)
+    stop = {"fatal": None}
     try:
         with stop_on_sigterm(cfg.train.stop_timeout_s) as stop:
             trainer = make_trainer(cfg, run_id, run_config(cfg, run_name), stop_request=stop["request"])
             result = trainer.fit()
     except BaseException as e:
         end_run_quietly(cfg, run_id, "KILLED" if isinstance(e, (Stopped, KeyboardInterrupt)) else "FAILED")
-        ours = user_error(e)
+        ours = stop["fatal"] or user_error(e)
         if ours is not None:
             raise ours from None
         raise
+    if stop["fatal"]:  # met by a worker; the restarted group left at once
+        end_run_quietly(cfg, run_id, "FAILED")
+        raise stop["fatal"]
     if stop["requested"]:
         deliver_held(cfg, run_id, result)
         end_run_quietly(cfg, run_id, "KILLED")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -77,7 +78,9 @@ def test_train_rejects_bad_data_and_weights_before_starting_ray(tmp_path, digits
 
 def test_unusable_data_found_by_the_workers_ends_training_in_one_line(local_ray, tmp_path):
     """A manifest-less folder of 64x64 shards trained at 32: the workers' stream stops after 101 unusable samples
-    (it used to skip forever) and the job ends with exit code 2, the reason in one line, the run marked FAILED."""
+    (it used to skip forever) and the job ends with exit code 2, the reason in one line, the run marked FAILED.
+    With ray.max_failures=-1 (the spot recipe: restart forever) too: no restart can fix bad data, so the restarted
+    group leaves at once (it used to restart for ever, the job RUNNING and the error never shown)."""
     import io
     import tarfile
 
@@ -94,9 +97,11 @@ def test_unusable_data_found_by_the_workers_ends_training_in_one_line(local_ray,
                 info = tarfile.TarInfo(f"{i}{k:04d}.png")
                 info.size = len(png.getvalue())
                 tar.addfile(info, io.BytesIO(png.getvalue()))
-    overrides = tiny_overrides(tmp_path, data, **{"model.nc": 1, "ray.max_failures": 0, "train.run_name": "big"})
+    overrides = tiny_overrides(tmp_path, data, **{"model.nc": 1, "ray.max_failures": -1, "train.run_name": "big"})
+    t0 = time.time()
     r = run_job("train.py", *sets(overrides), cwd=tmp_path)
     assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    assert time.time() - t0 < 120  # one restart of the group at most, which leaves at once
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 101 of 101 samples unreadable") and "image is 64x64, expected 32x32" in last, last
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])

@@ -255,3 +255,21 @@ def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_
     assert f"finished at step {steps}" in out, out[-6000:]
     assert (tmp_path / "ray_results" / "jobstop" / f"checkpoint_{steps:08d}" / "state.pt").is_file()
     assert max(history(MlflowClient(cfg.tracking.uri), find_run(cfg, "jobstop"), "loss_d")) == steps
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(local_ray, tmp_path,
+                                                                                            digits_dir):
+    """The newest checkpoint cut short (a full disk, an upload that died): the same command again resumes from the
+    newest one that reads back whole, names the one it skipped in the MLflow run, and logs every step once.
+    (Every resubmit failed on it before.)"""
+    overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "truncated", "train.steps": 8,
+                                                         "ray.num_workers": 1, "tracking.register": "false"})
+    train(load_config(overrides=overrides))
+    newest = tmp_path / "ray_results" / "truncated" / "checkpoint_00000008" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    out = train(load_config(overrides=[*overrides, "train.steps=12"]))
+    assert out.step == 12 and out.metrics["start_step"] == 5
+    client = MlflowClient(load_config(overrides=overrides).tracking.uri)
+    skipped = client.get_run(out.run_id).data.tags["dcgan.resume.skipped.step_00000005"]
+    assert skipped.startswith("checkpoint_00000008: ") and "cannot be read" in skipped
+    assert history(client, out.run_id, "loss_d") == list(range(2, 13, 2))  # none lost, none twice
