@@ -7,6 +7,7 @@ invalid values fail with a `ConfigError` that names the key, before any work sta
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -281,14 +282,18 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     parts = key.split(".")
     sections = _section_fields(cfg)
     if len(parts) != 2 or parts[0] not in sections:
+        near = difflib.get_close_matches(parts[0], sections, n=1) if len(parts) == 2 else []
+        hint = f" (did you mean {near[0]}.{parts[1]}?)" if near else ""
         raise ConfigError(
-            f"unknown config key {key!r}: keys look like 'section.name' with section one of "
+            f"unknown config key {key!r}{hint}: keys look like 'section.name' with section one of "
             f"{', '.join(sections)}"
         )
     section = getattr(cfg, parts[0])
     fields = _section_fields(section)
     if parts[1] not in fields:
-        raise ConfigError(f"unknown config key {key!r}; known keys in {parts[0]}: {', '.join(fields)}")
+        near = difflib.get_close_matches(parts[1], fields, n=1)
+        hint = f" (did you mean {parts[0]}.{near[0]}?)" if near else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}; known keys in {parts[0]}: {', '.join(fields)}")
     setattr(section, parts[1], _convert(key, value, fields[parts[1]].type))
 
 

@@ -11,13 +11,13 @@ from dcgan_dist.cli import config_parser, parse_config, run_main
 def main() -> int:
     args = config_parser(__doc__.splitlines()[0]).parse_args()
     cfg = parse_config(args)
-    from dcgan_dist.tracking import redact
+    from dcgan_dist.tracking import experiment_id, where_to_browse
     from dcgan_dist.trainer import train  # after parsing: --help stays fast
 
     out = train(cfg)
     print(f"\nrun {out.run_name!r} finished at step {out.step}; last checkpoint: {out.checkpoint_path}")
     print(f"  resume or extend:  python jobs/train.py --set train.run_name={out.run_name} --set train.steps=N")
-    print(f"  browse runs:       mlflow ui --backend-store-uri {redact(cfg.tracking.uri)}")
+    print(f"  browse the run:    {where_to_browse(cfg.tracking.uri, experiment_id(cfg), out.run_id)}")
     if out.model_version:
         name = cfg.tracking.model_name
         scored = f", {cfg.tune.metric} {out.best_scores[cfg.tune.metric]:.2f}" if out.best_scores else ""

@@ -17,7 +17,7 @@ def main() -> int:
     space_path = first.tune.space
     if space_path == TuneConfig.space and not Path(space_path).is_file():  # run from another folder
         space_path = str(Path(__file__).with_name("tune_space.yaml"))
-    from dcgan_dist.tracking import redact
+    from dcgan_dist.tracking import experiment_id, where_to_browse
     from dcgan_dist.tune import load_space, search  # after parsing: --help stays fast
 
     space = load_space(space_path)
@@ -33,7 +33,7 @@ def main() -> int:
         name = cfg.tracking.model_name
         verdict = "now @champion" if out.champion else "did not beat @champion"
         print(f"  registered:   models:/{name}/{out.model_version} ({verdict})")
-    print(f"  browse:       mlflow ui --backend-store-uri {redact(cfg.tracking.uri)}  (run {out.name!r})")
+    print(f"  browse:       {where_to_browse(cfg.tracking.uri, experiment_id(cfg), out.parent_run_id)}  (run {out.name!r})")
     return 0
 
 

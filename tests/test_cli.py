@@ -46,7 +46,8 @@ def test_every_job_fails_bad_input_with_one_line_and_exit_code_2(tmp_path):
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("train.stepz=5", "unknown config key 'train.stepz'"),
+        ("train.stepz=5", "unknown config key 'train.stepz' (did you mean train.steps?)"),
+        ("trian.steps=5", "unknown config key 'trian.steps' (did you mean train.steps?)"),
         ("train.steps=lots", "train.steps: expected an integer, got 'lots'"),
         ("train.lr_g=fast", "train.lr_g: expected a number"),
         ("train.sync_batchnorm=true", "train.sync_batchnorm: needs ray.use_gpu=true"),

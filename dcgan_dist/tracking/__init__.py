@@ -16,7 +16,7 @@ from dcgan_dist.tracking.run_logger import RunLogger, deliver_held, read_held, w
 from dcgan_dist.tracking.runs import (RUN_NAME_TAG, create_run, end_run, experiment_id, find_run, log_values,
                                       start_run, tag_run)
 from dcgan_dist.tracking.search import SEARCH_TAG, close_trial_runs, log_search_summary, start_search_run
-from dcgan_dist.tracking.uris import artifact_location, as_seen_from, redact, resolve_uri
+from dcgan_dist.tracking.uris import artifact_location, as_seen_from, redact, resolve_uri, where_to_browse
 
 __all__ = ["CHAMPION", "RUN_NAME_TAG", "SEARCH_TAG", "RunLogger", "artifact_location", "as_seen_from",
            "close_trial_runs", "create_run", "deliver_held", "end_run", "experiment_id", "find_run",

@@ -22,6 +22,14 @@ def redact(value: object) -> str:
     return re.sub(r"(?<=://)[^/@\s]+@", "***@", str(value))
 
 
+def where_to_browse(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page on a tracking server (what the MLflow UI links to), or the command that serves a local
+    store's UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {redact(uri)}"
+
+
 def artifact_location(uri: str) -> str | None:
     """For a sqlite store, artifacts go in `mlartifacts/` beside the database file, not in whatever folder the
     first run happened to start in (MLflow's default is `./mlruns` of the current directory)."""
