@@ -91,6 +91,8 @@ class DataConfig:
                               at_least(1))
     max_sample_bytes: int = doc("largest tar member read; a bigger one ends its shard unread", 16 << 20, at_least(1024))
     verify_sha256: bool = doc("hash each shard as it streams and check it against the manifest", False)
+    allow_changed: bool = doc("resume a run on other data than its checkpoint was trained on (shards added or "
+                              "rebuilt): the streams restart from the step's seeded positions", False)
     max_stall_s: float = doc("stop with an error when no usable image came for this long (S3 down for good)", 60.0,
                              POSITIVE)
     streams: int = doc("0 = each rank draws shards at random; N = N seeded virtual streams, so the images of each "

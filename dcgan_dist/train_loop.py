@@ -32,7 +32,7 @@ from dcgan_dist.data.loader import ShardSet, make_batches, to_model_input
 from dcgan_dist.data.streams import StreamBatches
 from dcgan_dist.ddp_hooks import AllreduceTimer
 from dcgan_dist.ema import GeneratorEMA, shown_generator
-from dcgan_dist.errors import CheckpointError
+from dcgan_dist.errors import CheckpointError, DataError
 from dcgan_dist.evaluation import UNSCORED
 from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
@@ -117,10 +117,11 @@ def _remove_stale_staging() -> None:
 
 def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Config, step: int, start: int,
                     rank: int, metrics: dict, evaluation: dict | None, logger: tracking.RunLogger | None,
-                    score: bool = False) -> None:
-    """Report this step's metrics to Ray with rank 0's checkpoint; `score`: Ray's validation task scores it beside
-    training (`evaluation.score_checkpoint`). The checkpoint is staged in a folder that is removed once
-    `ray.train.report` has copied it to storage: nothing accumulates in the node's /tmp."""
+                    data: dict, score: bool = False) -> None:
+    """Report this step's metrics to Ray with rank 0's checkpoint; `data`: what it was trained on
+    (`data_identity`); `score`: Ray's validation task scores it beside training (`evaluation.score_checkpoint`).
+    The checkpoint is staged in a folder that is removed once `ray.train.report` has copied it to storage: nothing
+    accumulates in the node's /tmp."""
     extra = {"step": step, "start_step": start,
              "score": ((evaluation or {}).get("values") or {}).get(cfg.tune.metric, UNSCORED)}
     # One collective: every rank's RNG state and, with data.streams, the positions of the streams it hosts.
@@ -136,6 +137,7 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
             if cfg.data.streams:
                 merged = {s: pos for part in positions for s, pos in part.items()}
                 state["data_positions"] = [merged[s] for s in range(cfg.data.streams)]
+            state["data"] = data
             checkpoint.save(state, staging)
             if logger:  # what MLflow does not have yet survives a rank 0 that dies holding it
                 tracking.write_held(logger.held(), staging)
@@ -174,6 +176,28 @@ def newest_readable(own: ray.train.Checkpoint) -> tuple[str, list[str]]:
             continue
         return name, skipped
     raise CheckpointError(f"no checkpoint of the run in {folder} can be read: " + "; ".join(skipped))
+
+
+def data_identity(shards: ShardSet) -> dict:
+    """What a checkpoint records of the data it was trained on: the manifest's digest and the shard list."""
+    return {"fingerprint": shards.fingerprint, "shards": [u.rsplit("/", 1)[-1] for u in shards.urls]}
+
+
+def check_same_data(resumed: dict, shards: ShardSet, cfg: Config) -> dict:
+    """The checkpoint's state, refused when it was trained on other data (the stream positions it holds would
+    point at other samples: some seen twice, some never) unless data.allow_changed; then without the positions."""
+    was, now = resumed.get("data"), data_identity(shards)
+    if was is None or was["fingerprint"] == now["fingerprint"]:
+        return resumed
+    change = (f"the checkpoint of step {resumed['step']} was trained on data {was['fingerprint'][:12]} "
+              f"({len(was['shards'])} shards), data.url {cfg.data.url} is now {now['fingerprint'][:12]} "
+              f"({len(now['shards'])} shards)")
+    if not cfg.data.allow_changed:
+        raise DataError(f"{change}: train on the data the run started with, or resume on this data with "
+                        "--set data.allow_changed=true")
+    log.warning("%s: resuming on it (data.allow_changed); the streams restart from the step's seeded positions",
+                change)
+    return {k: v for k, v in resumed.items() if k != "data_positions"}
 
 
 def make_data(cfg: Config, shards: ShardSet, rank: int, world: int, start: int, resumed: dict | None):
@@ -242,6 +266,8 @@ def run_loop(loop_config: dict) -> None:
         torch.manual_seed(t.seed * 1000 + rank * 7919 + start)
 
     shards = ShardSet(**loop_config["shards"])  # resolved once, by the driver
+    if resumed:
+        resumed = check_same_data(resumed, shards, cfg)
     batches = make_data(cfg, shards, rank, world, start, resumed)
     logger = None
     if rank == 0:  # the only rank that talks to MLflow, from whichever node it landed on
@@ -322,7 +348,7 @@ def run_loop(loop_config: dict) -> None:
                 logger.flush()
             if save_now:
                 save_checkpoint(step_fn, ema, batches, cfg, step, start, rank, metrics, evaluation, logger,
-                                score=eval_now and not evaluator)
+                                data_identity(shards), score=eval_now and not evaluator)
         if sample_now:
             if shown is None:
                 shown = shown_generator(step_fn.g, ema.module if ema else None, m.nz, cfg.metrics.seed)

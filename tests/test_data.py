@@ -214,9 +214,14 @@ def test_corrupt_sample_and_truncated_shards_are_skipped_and_counted(tmp_path, c
     with caplog.at_level(logging.WARNING):
         it = make_batches(resolve_shards(str(tmp_path)), channels=1, resolution=32, batch_size=8, seed=0,
                           shuffle_buffer=4)
-        for _ in range(20):
+        for _ in range(8):
             assert next(it).shape == (8, 1, 32, 32)
-    assert it.skipped >= 3
+        # counted in samples: the corrupt one, and what each cut shard lacks of its 20 (not one per shard)
+        assert it.skipped >= 2 * 4
+        # A sixth of the data missing is over data.max_skip_fraction (5%): past the first 100 skips, it stops
+        with pytest.raises(DataError, match=r"samples unreadable, over data.max_skip_fraction=0.05"):
+            for _ in range(200):
+                next(it)
     for needle in ("sample 0020", "shard-000001.tar truncated", "shard-000002.tar"):
         assert needle in caplog.text
 

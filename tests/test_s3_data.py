@@ -165,6 +165,20 @@ def test_clear_s3_errors(moto, tmp_path):
         resolve_shards("s3://data/empty-prefix/")
 
 
+def test_shards_missing_from_an_s3_prefix_are_named_before_training(moto):
+    """Most shards of a manifest gone from the bucket: refused at start, naming them (the reader would otherwise
+    train on the few left, each missing shard one skip among many good samples)."""
+    url = "s3://data/gappy/"
+    built = shards.build_shards(sources.Digits(), url, resolution=32, encoding="png", shard_size=300, workers=2,
+                                progress=False)
+    names = [s["name"] for s in built["shards"]]
+    for name in names[1:5]:
+        boto3.client("s3").delete_object(Bucket="data", Key=f"gappy/{name}")
+    with pytest.raises(DataError, match=rf"manifest.json lists 4 shard\(s\) missing from s3://data/gappy/: "
+                                        rf"{names[1]}, {names[2]}, {names[3]}, {names[4]}$"):
+        resolve_shards(url)
+
+
 def test_wrong_credentials_are_named(tmp_path):
     server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # moto checks keys against its IAM
     try:

@@ -273,3 +273,31 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_o
     skipped = client.get_run(out.run_id).data.tags["dcgan.resume.skipped.step_00000005"]
     assert skipped.startswith("checkpoint_00000008: ") and "cannot be read" in skipped
     assert history(client, out.run_id, "loss_d") == list(range(2, 13, 2))  # none lost, none twice
+
+
+def test_a_resume_on_changed_data_is_refused_unless_asked_for(local_ray, tmp_path, digits_dir):
+    """Shards added after a checkpoint: the stream positions it holds would point at other samples. The same
+    command is refused at once with one line naming both datasets (whatever ray.max_failures says: no restart can
+    fix it); with data.allow_changed=true it resumes and trains to the end."""
+    import shutil
+
+    from dcgan_dist.data import shards, sources
+    from dcgan_dist.errors import DataError
+
+    data = tmp_path / "digits"
+    shutil.copytree(digits_dir, data)
+    overrides = tiny_overrides(tmp_path, data, **{"train.run_name": "changed", "train.steps": 4,
+                                                   "ray.num_workers": 1, "tracking.register": "false",
+                                                   "ray.max_failures": -1})
+    train(load_config(overrides=overrides))
+    shutil.rmtree(data)
+    shards.build_shards(sources.Digits(), str(data), resolution=32, encoding="png", shard_size=300, progress=False)
+    t0 = time.time()
+    with pytest.raises(DataError, match=r"the checkpoint of step 4 was trained on data \w{12} \(4 shards\), "
+                                        r"data.url .* is now \w{12} \(6 shards\): .* --set data.allow_changed=true"):
+        train(load_config(overrides=[*overrides, "train.steps=8"]))
+    assert time.time() - t0 < 90  # not ray.max_failures=-1's restarts for ever
+    client = MlflowClient(load_config(overrides=overrides).tracking.uri)
+    assert client.get_run(find_run(load_config(overrides=overrides), "changed")).info.status == "FAILED"
+    out = train(load_config(overrides=[*overrides, "train.steps=8", "data.allow_changed=true"]))
+    assert out.step == 8 and out.metrics["start_step"] == 5

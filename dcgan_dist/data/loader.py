@@ -119,9 +119,15 @@ def resolve_shards(url: str) -> ShardSet:
     if text is not None:
         manifest = _parse_manifest(text, manifest_url)
         names = [s["name"] for s in manifest["shards"]]
-        missing = [] if remote else [n for n in names if not (root / n).is_file()]  # on S3: a skip when read
-        if missing:
-            raise DataError(f"{manifest_url} lists {len(missing)} shard(s) missing from {root} (first: {missing[0]})")
+        if remote:  # one paged listing, not a request per shard
+            _, key_prefix = s3.split(root)
+            present = {k[len(key_prefix):] for k in s3.list_keys(root)}
+            missing = [n for n in names if n not in present]
+        else:
+            missing = [n for n in names if not (root / n).is_file()]
+        if missing:  # training would reach less of the data than the manifest says, without a word
+            raise DataError(f"{manifest_url} lists {len(missing)} shard(s) missing from {root}: "
+                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         return ShardSet([os.path.join(root, n) for n in names], manifest)
     if remote:
         bucket, key_prefix = s3.split(root)
@@ -185,12 +191,14 @@ def tar_members(url: str, max_bytes: int = MAX_SAMPLE_BYTES, sha256: str | None 
 
 
 def shard_samples(url: str, on_error: Callable[[str], object] = _warn, expected: int = 0,
-                  max_bytes: int = MAX_SAMPLE_BYTES, sha256: str | None = None) -> Iterator[dict]:
+                  max_bytes: int = MAX_SAMPLE_BYTES, sha256: str | None = None,
+                  on_lost: Callable[[int], object] | None = None) -> Iterator[dict]:
     """One shard's samples ({"__key__", "__url__", ext: bytes}): our tar reader, webdataset's group_by_keys.
 
     A broken shard (or, with `sha256`, a changed one) is reported once to `on_error` and ends there without its
     half-read sample, and a shard with fewer than `expected` samples (the manifest's count; tarfile ends quietly at
-    a cut header) is reported as truncated.
+    a cut header) is reported as truncated. When the file itself is cut short or malformed, `on_lost` gets the
+    number of the manifest's samples it did not give (lost data, unlike a read that failed: an S3 outage).
     """
     key, n = None, 0
     try:
@@ -199,9 +207,13 @@ def shard_samples(url: str, on_error: Callable[[str], object] = _warn, expected:
             yield sample
     except READ_ERRORS as e:
         on_error(f"shard {url} unreadable after key {key}: {type(e).__name__}: {e.args[0] if e.args else e}")
+        if on_lost and isinstance(e, (tarfile.TarError, EOFError)) and n < expected:
+            on_lost(expected - n)
         return
     if n < expected:
         on_error(f"shard {url} truncated: {n} of {expected} samples after key {key}")
+        if on_lost:
+            on_lost(expected - n)
 
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "npy")
@@ -257,23 +269,49 @@ def decode_named(sample: dict, channels: int, resolution: int) -> torch.Tensor:
 
 class SkipLimit:
     """Bad data as both readers (ShardStream, streams.StreamBatches) handle it: bad samples and broken shards are
-    skipped and counted, until skips pass data.max_skip_fraction of all samples (after SKIP_FLOOR): then a
-    DataError, as an endless stream of bad data would otherwise hang."""
+    skipped and counted in samples (a shard cut short or unreadable counts the samples its manifest entry promised
+    and it did not give), until skips pass data.max_skip_fraction of all samples (after SKIP_FLOOR), data.max_bad_shards
+    shards in a row give no usable image, or none comes for data.max_stall_s: then a DataError, as an endless
+    stream of bad data, or an S3 that is down for good, would otherwise hang."""
 
     def __init__(self, shards: ShardSet, limits: DataConfig):
         self.limits = limits
         self.sha256s = shards.sha256s if limits.verify_sha256 else {}
-        self.skipped = self.good = 0
+        self.skipped = self.good = self.skip_events = 0
         self.last_skip = ""
+        self.bad_run: list[str] = []  # the shards read in a row without a usable image, with why
+        self.last_good = time.monotonic()
 
-    def _samples(self, url: str, expected: int) -> Iterator[dict]:
-        """One shard's samples under the run's limits; what goes wrong in it is a skip."""
-        return shard_samples(url, self._skip, expected, self.limits.max_sample_bytes, self.sha256s.get(url))
+    def _shard(self, url: str, expected: int) -> Iterator[dict]:
+        """One shard's samples under the run's limits. The checks after its last sample run when the reader asks
+        for more, that is once all of the shard's samples have been decoded (`_good` counts the usable ones)."""
+        problems, lost = [], []
+        good_before, self.last_skip = self.good, ""
+        yield from shard_samples(url, problems.append, expected, self.limits.max_sample_bytes, self.sha256s.get(url),
+                                 lost.append)
+        if problems:  # a cut file counts every sample it lost; a failed read (S3 down) one, the stall limit the rest
+            self._skip(problems[-1], count=max(1, sum(lost)))
+        if self.good > good_before:
+            self.bad_run.clear()
+            return
+        self.bad_run.append(f"{url} ({self.last_skip or 'no samples'})")
+        if len(self.bad_run) >= self.limits.max_bad_shards:
+            raise DataError(f"{len(self.bad_run)} shards in a row without a usable image (data.max_bad_shards="
+                            f"{self.limits.max_bad_shards}): {'; '.join(self.bad_run[-3:])}")
+        stalled = time.monotonic() - self.last_good
+        if stalled > self.limits.max_stall_s:  # each shard of an S3 that is down costs its retries (~40 s)
+            raise DataError(f"no usable image for {stalled:.0f} s (data.max_stall_s={self.limits.max_stall_s:g}); "
+                            f"the last shards: {'; '.join(self.bad_run[-3:])}")
 
-    def _skip(self, what) -> bool:
-        self.skipped += 1
+    def _good(self) -> None:
+        self.good += 1
+        self.last_good = time.monotonic()
+
+    def _skip(self, what, count: int = 1) -> bool:
+        self.skipped += count
+        self.skip_events += 1
         self.last_skip = str(what)
-        if self.skipped <= 10:
+        if self.skip_events <= 10:
             log.warning("data: skipping %s", what)
         total, fraction = self.skipped + self.good, self.limits.max_skip_fraction
         if self.skipped > max(SKIP_FLOOR, fraction * total):
@@ -298,32 +336,16 @@ class ShardStream(SkipLimit, IterableDataset):
         self.channels, self.resolution = channels, resolution
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.rank, self.start_step = seed, rank, start_step
-        self.bad_run: list[str] = []  # the shards read in a row without a usable image, with why
-        self.last_good = time.monotonic()
         self.shards_read: Counter[str] = Counter()
 
     def _read(self, shards: Iterator[dict]) -> Iterator[dict]:
         """Each drawn shard's samples; per shard, as a flat tarfile_to_samples loses where a shard ended."""
         for shard in shards:
-            url, good_before, self.last_skip = shard["url"], self.good, ""
-            self.shards_read[url] += 1
-            yield from self._samples(url, self.counts.get(url, 0))
-            # Resumed only when the stage after decoding wants more: this shard's samples have all been decoded.
-            if self.good > good_before:
-                self.bad_run.clear()
-                continue
-            self.bad_run.append(f"{url} ({self.last_skip or 'no samples'})")
-            if len(self.bad_run) >= self.limits.max_bad_shards:
-                raise DataError(f"{len(self.bad_run)} shards in a row without a usable image (data.max_bad_shards="
-                                f"{self.limits.max_bad_shards}): {'; '.join(self.bad_run[-3:])}")
-            stalled = time.monotonic() - self.last_good
-            if stalled > self.limits.max_stall_s:  # each shard of an S3 that is down costs its retries (~40 s)
-                raise DataError(f"no usable image for {stalled:.0f} s (data.max_stall_s={self.limits.max_stall_s:g}); "
-                                f"the last shards: {'; '.join(self.bad_run[-3:])}")
+            self.shards_read[shard["url"]] += 1
+            yield from self._shard(shard["url"], self.counts.get(shard["url"], 0))
 
     def _count(self, image: torch.Tensor) -> torch.Tensor:
-        self.good += 1
-        self.last_good = time.monotonic()
+        self._good()
         return image
 
     def __iter__(self) -> Iterator[dict]:

@@ -35,7 +35,7 @@ def positions_at(step: int, global_batch: int, streams: int) -> list[int]:
 
 class Stream:
     """One virtual stream: its shards, in a seeded order per epoch, samples in file order, from a position.
-    `read(url, count)` yields a shard's samples (SkipLimit._samples: with the run's limits)."""
+    `read(url, count)` yields a shard's samples (SkipLimit._shard: with the run's limits)."""
 
     def __init__(self, sid: int, urls: list[str], counts: list[int], seed: int, read):
         self.sid, self.urls, self.counts, self.seed, self.read = sid, urls, counts, seed, read
@@ -86,7 +86,7 @@ class StreamBatches(SkipLimit):
         self.hosted = {}
         for s in range(rank, n_streams, world):
             urls = shards.urls[s::n_streams]  # shard i belongs to stream i mod S
-            self.hosted[s] = Stream(s, urls, [counts[u] for u in urls], seed, self._samples).samples(start[s])
+            self.hosted[s] = Stream(s, urls, [counts[u] for u in urls], seed, self._shard).samples(start[s])
         self._read_to = {s: start[s] for s in self.hosted}  # the reading thread's, ahead by the prefetched batches
         self.positions = dict(self._read_to)
         self.keys: list[str] = []
@@ -107,7 +107,7 @@ class StreamBatches(SkipLimit):
             except DataError as e:
                 self._skip(e)
                 continue
-            self.good += 1
+            self._good()
             return image, sample["__key__"]
         raise AssertionError("streams never end")
 
