@@ -22,6 +22,7 @@ import threading
 from typing import Iterator
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dcgan_dist import errors
 from dcgan_dist.errors import Stopped
@@ -97,7 +98,9 @@ def stop_on_sigterm(timeout_s: float) -> Iterator[dict]:
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
-    request = state["request"] = StopRequest.remote()
+    # On the driver's own node: an actor elsewhere would die with a worker host and read as "the driver is gone".
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    request = state["request"] = StopRequest.options(scheduling_strategy=here).remote()
 
     def on_alarm(signum, frame):
         raise Stopped(f"the workers did not save a checkpoint within train.stop_timeout_s={timeout_s:g} s")
