@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
 from dcgan_dist.config import Config
+from dcgan_dist.errors import TrackingError
 from dcgan_dist.lease import RunLease
 from dcgan_dist.tracking import CHAMPION, tag_scores
 
@@ -40,18 +41,30 @@ def promote_if_better(cfg: Config, version: str, measure: Measure | None = None)
     model must share `ray.storage_path` for this to hold."""
     with RunLease(cfg.ray.storage_path, f"registry-{cfg.tracking.model_name}", wait_s=PROMOTION_WAIT_S,
                   label=f"a promotion of {cfg.tracking.model_name!r} is under way",
-                  hint=f"still held after {PROMOTION_WAIT_S} s; if its holder died, it lapses by itself"):
-        return _promote_if_better(cfg, version, measure)
+                  hint=f"still held after {PROMOTION_WAIT_S} s; if its holder died, it lapses by itself") as lock:
+        return _promote_if_better(cfg, version, measure, lock)
 
 
-def _promote_if_better(cfg: Config, version: str, measure: Measure | None) -> bool:
+def _promote_if_better(cfg: Config, version: str, measure: Measure | None, lock: RunLease) -> bool:
     client, name, metric = MlflowClient(cfg.tracking.uri), cfg.tracking.model_name, cfg.tune.metric
-    candidate = client.get_model_version(name, version)
+    later = (f"version {version} stays registered without the alias; to promote it later, run the same training "
+             "command again once MLflow answers (the same step is not registered twice)")
+    try:  # a failed read is not "no champion": that would hand the alias to any version, better or not
+        candidate = client.get_model_version(name, version)
+        current = client.get_registered_model(name).aliases.get(CHAMPION)
+        champ = client.get_model_version(name, current) if current is not None else None
+    except (MlflowException, RestException, OSError) as e:
+        raise TrackingError(f"could not read @{CHAMPION} of {name!r} ({str(e).splitlines()[0][:200]}); {later}") \
+            from None
     value, protocol = recorded(candidate, metric)
-    try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-    except (MlflowException, RestException):
+
+    def move_alias() -> None:
+        if not lock.still_held():  # fencing: a lock that lapsed (a stalled re-measure) may have a new holder
+            raise TrackingError(f"the promotion lock of {name!r} lapsed before @{CHAMPION} could move; {later}")
         client.set_registered_model_alias(name, CHAMPION, version)
+
+    if champ is None:
+        move_alias()
         log.info("%s version %s is the first: alias @%s set", name, version, CHAMPION)
         return True
     if str(champ.version) == str(version):
@@ -71,7 +84,7 @@ def _promote_if_better(cfg: Config, version: str, measure: Measure | None) -> bo
         tag_scores(cfg, str(champ.version), scores, protocols)
         champ_value = scores[metric]
     if value < champ_value:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        move_alias()
         log.info("%s version %s: %s %.4f beats @%s version %s (%.4f): alias moved",
                  name, version, metric, value, CHAMPION, champ.version, champ_value)
         return True

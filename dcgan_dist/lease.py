@@ -94,6 +94,19 @@ class RunLease:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
 
+    def still_held(self) -> bool:
+        """Checked just before a write the lease guards (a fencing check): an flock holds while this process lives;
+        an S3 lease is ours while the object still has the ETag of our last write and has not expired."""
+        if not self._thread:
+            return self._file is not None
+        bucket, key = s3.split(self.where)
+        try:
+            current = s3.client().get_object(Bucket=bucket, Key=key)
+            held = json.loads(current["Body"].read())
+        except (bex.ClientError, bex.BotoCoreError, OSError, ValueError):
+            return False
+        return current["ETag"] == self._etag and held.get("expires", 0) > time.time()
+
     # --- a folder: flock -------------------------------------------------------------------------------------
     def _acquire_file(self) -> None:
         path = Path(self.where.removeprefix("file://"))

@@ -166,3 +166,82 @@ def test_two_promotions_at_once_take_turns_and_the_better_wins(cfg, digits_dir):
     second.join(60)
     assert results == {"v2": True, "v3": True}  # each beat what it found
     assert str(client.get_model_version_by_alias(cfg.tracking.model_name, "champion").version) == v3
+
+
+class RegistryReadsFail:
+    """An HTTP proxy in front of a real MLflow server that answers 503 to every read of a registered model (what a
+    timeout, a 5xx behind a load balancer or a locked database look like to the client) and passes the rest."""
+
+    FAILS = ("/registered-models/get", "/registered-models/alias")
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+        import urllib.error
+        import urllib.request
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "GET" and any(p in self.path for p in proxy.FAILS):
+                    proxy.failed += 1
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                request = urllib.request.Request(upstream + self.path, data=body or None, method=self.command,
+                                                 headers={k: v for k, v in self.headers.items() if k != "Host"})
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as r:
+                        status, data, kind = r.status, r.read(), r.headers.get("Content-Type", "")
+                except urllib.error.HTTPError as e:
+                    status, data, kind = e.code, e.read(), e.headers.get("Content-Type", "")
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _relay
+
+            def log_message(self, *args):
+                pass
+
+        self.failed = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_a_champion_that_cannot_be_read_is_not_replaced(tmp_path, monkeypatch):
+    """@champion is v1 (swd 5); v2 is worse (swd 9). While reads of the registry fail, promoting v2 must fail with a
+    clear message and leave the alias alone (a failed read was taken as "no champion" and the alias went to v2)."""
+    from servers import MlflowServer
+
+    from dcgan_dist.errors import TrackingError
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server = MlflowServer(tmp_path / "mlflow")
+    proxy = RegistryReadsFail(server.url)
+    try:
+        direct = MlflowClient(server.url)
+        name, protocol = "dcgan-generator", '{"metric": "swd"}'
+        direct.create_registered_model(name)
+        for version, swd in (("1", 5.0), ("2", 9.0)):
+            direct.create_model_version(name, f"s3://models/generator-{version}")  # only named, never read
+            direct.set_model_version_tag(name, version, "metric.swd", str(swd))
+            direct.set_model_version_tag(name, version, "protocol.swd", protocol)
+        direct.set_registered_model_alias(name, "champion", "1")
+        cfg = load_config(overrides=[f"tracking.uri={proxy.url}", f"ray.storage_path={tmp_path / 'ray'}"])
+        with pytest.raises(TrackingError, match=r"could not read @champion of 'dcgan-generator' .*; version 2 stays "
+                                                r"registered without the alias; to promote it later"):
+            champion.promote_if_better(cfg, "2")
+        assert proxy.failed >= 1
+        assert direct.get_model_version_by_alias(name, "champion").version == "1"
+    finally:
+        proxy.close()
+        server.stop()
