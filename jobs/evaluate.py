@@ -16,7 +16,11 @@ def main() -> int:
     cfg = parse_config(args)
     from dcgan_dist.evaluation import evaluate_registered  # after parsing: --help stays fast
 
-    out = evaluate_registered(cfg, args.model, args.data)
+    from dcgan_dist.config import DataConfig
+
+    # --data, or data.url when the user set it (--set or --config): never ignored for the trained model's data
+    data = args.data or (cfg.data.url if cfg.data.url != DataConfig.url else None)
+    out = evaluate_registered(cfg, args.model, data)
     print(f"\n{args.model} (version {out.version}, step {out.step}) on {out.data_url}:")
     for name, value in out.values.items():
         print(f"  {name:<8} {value:.4f}")
