@@ -254,6 +254,11 @@ def _train_holding_the_lease(cfg: Config) -> TrainOutcome:
     if result.checkpoint is None:
         tracking.end_run(cfg, run_id, "FAILED")
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
+    reached = int((result.metrics or {}).get("step", 0))
+    if reached < cfg.train.steps:  # never register and report "finished" a run that left early unasked
+        tracking.end_run(cfg, run_id, "FAILED")
+        raise RuntimeError(f"run {run_name} left training at step {reached} of {cfg.train.steps} without a stop "
+                           f"request; its checkpoint is in {result.checkpoint.path}: the same command resumes it")
     log.info("training ended at step %s", (result.metrics or {}).get("step"))
     deliver_held(cfg, run_id, result)
     best, scored = best_checkpoint(result)
