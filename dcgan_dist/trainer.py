@@ -77,6 +77,7 @@ def prepare_inputs(cfg: Config) -> Config:
                 "every node mounts")
         cfg.ray.storage_path = str(Path(cfg.ray.storage_path).resolve())
 
+    _SHARDS.pop(cfg.data.url, None)  # resolved afresh for each job: the data may have changed since the last one
     shard_set = shards_of(cfg)
     if shard_set.manifest:
         if shard_set.resolution != cfg.model.resolution:
@@ -103,7 +104,7 @@ _SHARDS: dict[str, ShardSet] = {}
 
 
 def shards_of(cfg: Config) -> ShardSet:
-    """`data.url` resolved once per process (listing an S3 prefix costs requests); workers get the result."""
+    """`data.url` resolved once per job (listing an S3 prefix costs requests); workers get the result."""
     if cfg.data.url not in _SHARDS:
         _SHARDS[cfg.data.url] = resolve_shards(cfg.data.url)
     return _SHARDS[cfg.data.url]
