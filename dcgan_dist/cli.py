@@ -11,8 +11,11 @@ from dcgan_dist.config import Config, describe, load_config
 from dcgan_dist.errors import DcganError, Stopped
 
 
-def config_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def config_parser(doc: str) -> argparse.ArgumentParser:
+    """A job's parser from its module docstring: the first line describes it, the rest (its examples) ends --help."""
+    first, _, rest = doc.strip().partition("\n")
+    p = argparse.ArgumentParser(description=first, epilog=f"examples:\n{rest.strip(chr(10))}" if rest.strip() else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with config sections (model:, data:, train:, ray:, tracking:)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.steps=200 (repeatable)")

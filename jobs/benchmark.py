@@ -7,8 +7,10 @@
     python jobs/benchmark.py data                 # shard build, streaming (local, S3), JPEG decode (CPU, nvJPEG)
     python jobs/benchmark.py scaling              # compute + allreduce per step, predicted efficiency, 1-64 GPUs
     python jobs/benchmark.py scaling --hosts      # the allreduce between two bed hosts on 1 and 4 Gbit/s links (root)
+    python jobs/benchmark.py eval-overhead        # training steps/s: evaluation off, in the loop, beside training
+    python jobs/benchmark.py gpu --device cpu     # the first-GPU-run script, checked without a GPU
 
-On a GPU machine `make bench-gpu` runs all of them (the whole GPU step table in a few minutes).
+On a GPU machine `make bench-gpu` runs `gpu`: preflight, step table, training, decode, resume, NCCL (10 minutes).
 """
 
 import argparse
@@ -25,7 +27,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="examples:\n" + __doc__.split("\n", 1)[1].strip("\n"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("step", help="training step images/s: canonical pytorch/examples vs ours")
     s.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])

@@ -9,7 +9,7 @@ from dcgan_dist.cli import config_parser, parse_config, run_main
 
 
 def main() -> int:
-    parser = config_parser(__doc__.splitlines()[0])
+    parser = config_parser(__doc__)
     parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     parser.add_argument("--data", help="shards to compare with (default: the data.url the model was trained on)")
     args = parser.parse_args()

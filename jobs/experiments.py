@@ -10,7 +10,6 @@
     python jobs/experiments.py nearest-neighbors --model ...
 """
 
-import argparse
 import importlib
 
 from dcgan_dist.cli import config_parser, parse_config, run_main
@@ -21,9 +20,7 @@ MODULES = ["latent_walk", "vector_arithmetic", "feature_svm", "guided_backprop",
 
 
 def main() -> int:
-    parser = config_parser(__doc__.splitlines()[0])
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "\n".join(__doc__.splitlines()[2:])
+    parser = config_parser(__doc__)
     sub = parser.add_subparsers(dest="experiment", required=True, metavar="NAME")
     modules = {}
     for name in MODULES:

@@ -23,7 +23,8 @@ HELP = {
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="examples:\n" + __doc__.split("\n", 1)[1].strip("\n"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="source", required=True)
     for name, helptext in HELP.items():
         s = sub.add_parser(name, help=helptext, description=helptext)

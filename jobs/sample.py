@@ -9,7 +9,7 @@ from dcgan_dist.cli import config_parser, parse_config, run_main
 
 
 def main() -> int:
-    parser = config_parser(__doc__.splitlines()[0])
+    parser = config_parser(__doc__)
     parser.add_argument("model", nargs="?", default="models:/dcgan-generator@champion",
                         help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
     parser.add_argument("-n", type=int, default=64, help="images, or rows with --interpolate (default: %(default)s)")

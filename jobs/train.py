@@ -9,7 +9,7 @@ from dcgan_dist.cli import config_parser, parse_config, run_main
 
 
 def main() -> int:
-    args = config_parser(__doc__.splitlines()[0]).parse_args()
+    args = config_parser(__doc__).parse_args()
     cfg = parse_config(args)
     from dcgan_dist.tracking import experiment_id, where_to_browse
     from dcgan_dist.trainer import train  # after parsing: --help stays fast

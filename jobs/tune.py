@@ -12,7 +12,7 @@ from dcgan_dist.config import TuneConfig, load_config
 
 
 def main() -> int:
-    args = config_parser(__doc__.splitlines()[0]).parse_args()
+    args = config_parser(__doc__).parse_args()
     first = parse_config(args)
     space_path = first.tune.space
     if space_path == TuneConfig.space and not Path(space_path).is_file():  # run from another folder

@@ -296,3 +296,12 @@ def test_ray_overhead_benchmark_reports_startup_and_steady_state(local_ray, tmp_
     assert lag["checkpoint_every"] == 1000 and lag["visible_before_the_last_step"] >= 1 and lag["max"] < 10, lag
     assert (tmp_path / "data" / "digits-32" / "manifest.json").exists()
     assert set(Path(tempfile.gettempdir()).glob("dcgan-bench-ray-*")) == left
+
+
+@pytest.mark.parametrize("job", ["train.py", "tune.py", "evaluate.py", "sample.py", "experiments.py",
+                                 "prepare_data.py", "benchmark.py"])
+def test_every_jobs_help_ends_with_examples(job, tmp_path):
+    r = run_job(job, "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    examples = r.stdout.split("examples:\n", 1)[-1]
+    assert "examples:\n" in r.stdout and f"python jobs/{job}" in examples, r.stdout[-2000:]
