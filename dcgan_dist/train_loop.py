@@ -253,7 +253,9 @@ def run_loop(loop_config: dict) -> None:
         log.info("rank %d: resumed from the checkpoint of step %d", rank, resumed["step"])
 
     # D runs twice per step: per-rank batch-norm buffers must not be broadcast mid-step.
-    ddp = {"broadcast_buffers": False, "bucket_cap_mb": cfg.ray.ddp_bucket_mb}
+    # (forward_sync_buffers=False: no broadcast in forward, unlike DDP's default; it still syncs at construction,
+    # which changes nothing here: every rank starts from the same seeded or restored buffers.)
+    ddp = {"forward_sync_buffers": False, "bucket_cap_mb": cfg.ray.ddp_bucket_mb}
     step_fn.wrap(lambda model: ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp))
     timer = None
     if world > 1:  # DDP-wrapped: time every allreduce (and compress the gradients when asked)
