@@ -156,15 +156,13 @@ def run_folder(ckpt: ray.train.Checkpoint) -> str:
 
 
 def newest_readable(own: ray.train.Checkpoint) -> tuple[str, list[str]]:
-    """The name of the run's newest checkpoint that reads back whole, and the newer ones skipped (with why).
-
-    Ray hands back its own record of the latest checkpoint. That one can be unreadable (a truncated upload, a full
-    disk), and a newer one can sit in storage that Ray never recorded (the head lost between the upload and the
-    controller's record): so every checkpoint folder of the run is a candidate, newest first."""
-    folder, fs = run_folder(own), own.filesystem
+    """The name of the newest checkpoint that reads back whole, from Ray's record of the latest one back, and the
+    newer ones skipped (with why). Ray's latest can be unreadable (a truncated upload, a full disk). Folders newer
+    than Ray's record are not taken: Ray's retention does not know them, so they would stay in storage for good."""
+    folder, fs, latest = run_folder(own), own.filesystem, own.path.rstrip("/").rsplit("/", 1)[-1]
     names = sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
-                    if info.type == pyarrow.fs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name)),
-                   reverse=True)
+                    if info.type == pyarrow.fs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name)
+                    and info.base_name <= latest), reverse=True)
     skipped = []
     for name in names:
         try:

@@ -36,14 +36,22 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 REPO = Path(__file__).resolve().parent.parent
 
 
+MLFLOW_ENV_AT_START = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
+
+
+def restore_mlflow_env() -> None:
+    for k, v in MLFLOW_ENV_AT_START.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
 @pytest.fixture(autouse=True)
 def mlflow_settings_do_not_leak():
     """mlflow.set_tracking_uri() (which the jobs call) also sets MLFLOW_TRACKING_URI in the process environment, and
-    load_config reads that variable as a user's setting: restore both of MLflow's variables after every test."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
+    load_config reads that variable as a user's setting: every test starts and ends with the session's own values
+    (session fixtures that train, set up inside some test's setup, set it too)."""
+    restore_mlflow_env()
     yield
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    restore_mlflow_env()
 
 
 @pytest.fixture(scope="session")
