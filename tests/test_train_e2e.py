@@ -104,6 +104,18 @@ def test_two_worker_run_with_the_fast_options_tracks_registers_the_best_checkpoi
     assert client.get_run(out.run_id).info.status == "FINISHED"
 
 
+def wait_for_logged_step(cfg, run_name: str, step: int, running=lambda: True, timeout: float = 180) -> None:
+    """Until MLflow has `loss_d` at `step` for the run (or the job is gone, or the timeout)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and running():
+        try:
+            if step in history(MlflowClient(cfg.tracking.uri), find_run(cfg, run_name), "loss_d"):
+                return
+        except Exception:  # the database or the run not made yet
+            pass
+        time.sleep(0.2)
+
+
 def live_train_workers() -> list[int]:
     """The pids of this cluster's live Ray Train worker processes."""
     from ray.util.state import list_actors
@@ -182,14 +194,7 @@ def test_a_second_job_on_a_busy_run_name_is_refused_and_sigterm_stops_the_first_
                             env={**os.environ, "RAY_ADDRESS": local_ray}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if 6 in history(MlflowClient(cfg.tracking.uri), find_run(cfg, "stopped"), "loss_d"):
-                    break
-            except Exception:  # the database or the run not made yet
-                pass
-            time.sleep(0.2)
+        wait_for_logged_step(cfg, "stopped", 6, running=lambda: proc.poll() is None)
         # A second job with the same run name meanwhile: refused at once, naming the holder; the first goes on.
         t0 = time.time()
         second = run_job("train.py", *sets(overrides), cwd=tmp_path)
@@ -233,14 +238,7 @@ def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_
                            env=env, timeout=120)
     assert first.returncode == 0, first.stdout + first.stderr
     job_id = re.search(r"Job '([^']+)' submitted successfully", first.stdout + first.stderr).group(1)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if 6 in history(MlflowClient(cfg.tracking.uri), find_run(cfg, "jobstop"), "loss_d"):
-                break
-        except Exception:  # the database or the run not made yet
-            pass
-        time.sleep(0.2)
+    wait_for_logged_step(cfg, "jobstop", 6)
     print(f"first job at step 6 after {time.time() - t0:.0f} s")
     stop = subprocess.run([*ray_cli, "stop", *address, job_id], capture_output=True, text=True, env=env, timeout=120)
     assert stop.returncode == 0 and "stopped" in (stop.stdout + stop.stderr).lower(), stop.stdout + stop.stderr
