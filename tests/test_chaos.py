@@ -367,7 +367,9 @@ def test_elastic_a_lost_host_shrinks_the_group_its_return_grows_it_and_each_step
     worker from that checkpoint; the host comes back and the group grows to two at the next resize check. Every
     global step took the same images as one reader of the 4 streams takes (so: whatever the group size, and across
     both resumes), MLflow has every step once and num_workers 2, 1, 2."""
-    steps, every, name = 300, 10, "elastic"  # the 2-worker steps are slow on 2 cores; the group of one's are fast
+    # The 2-worker steps are slow on 2 cores, the group of one's fast: with 300 steps a quiet machine's group of one
+    # finished the run before the group of two was back.
+    steps, every, name = 600, 10, "elastic"
     proc = cluster.submit(elastic(name, steps, cluster, **{"train.log_every": every, "train.checkpoint_every": every}),
                           wait=False)
     folder = cluster.bed.dir / f"keys-{name}"
@@ -383,7 +385,8 @@ def test_elastic_a_lost_host_shrinks_the_group_its_return_grows_it_and_each_step
     before = set(folder.glob("rank*-of-2-*.txt"))
     cluster.start_worker(victim)
     back = time.time()
-    wait_for(lambda: set(folder.glob("rank*-of-2-*.txt")) - before, 120, "a step of the regrown group", pause=0.2)
+    wait_for(lambda: any(f.stat().st_size for f in set(folder.glob("rank*-of-2-*.txt")) - before), 120,
+             "a step of the regrown group", pause=0.2)
     grown_s = time.time() - back
     out = finish(proc)
     assert proc.returncode == 0, out[-6000:]
