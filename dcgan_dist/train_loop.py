@@ -181,10 +181,10 @@ def data_identity(shards: ShardSet) -> dict:
     return {"fingerprint": shards.fingerprint, "shards": [u.rsplit("/", 1)[-1] for u in shards.urls]}
 
 
-def check_same_data(resumed: dict, shards: ShardSet, cfg: Config) -> dict:
+def check_same_data(resumed: dict, now: dict, cfg: Config) -> dict:
     """The checkpoint's state, refused when it was trained on other data (the stream positions it holds would
     point at other samples: some seen twice, some never) unless data.allow_changed; then without the positions."""
-    was, now = resumed.get("data"), data_identity(shards)
+    was = resumed.get("data")
     if was is None or was["fingerprint"] == now["fingerprint"]:
         return resumed
     change = (f"the checkpoint of step {resumed['step']} was trained on data {was['fingerprint'][:12]} "
@@ -266,8 +266,9 @@ def run_loop(loop_config: dict) -> None:
         torch.manual_seed(t.seed * 1000 + rank * 7919 + start)
 
     shards = ShardSet(**loop_config["shards"])  # resolved once, by the driver
+    data = data_identity(shards)  # what every checkpoint records of it
     if resumed:
-        resumed = check_same_data(resumed, shards, cfg)
+        resumed = check_same_data(resumed, data, cfg)
     batches = make_data(cfg, shards, rank, world, start, resumed)
     logger = None
     if rank == 0:  # the only rank that talks to MLflow, from whichever node it landed on
@@ -348,7 +349,7 @@ def run_loop(loop_config: dict) -> None:
                 logger.flush()
             if save_now:
                 save_checkpoint(step_fn, ema, batches, cfg, step, start, rank, metrics, evaluation, logger,
-                                data_identity(shards), score=eval_now and not evaluator)
+                                data, score=eval_now and not evaluator)
         if sample_now:
             if shown is None:
                 shown = shown_generator(step_fn.g, ema.module if ema else None, m.nz, cfg.metrics.seed)

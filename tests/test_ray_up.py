@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import time
@@ -93,6 +94,7 @@ def ray_pids(host: netbed.Host) -> dict[int, str]:
 def launched():
     netbed.require_capabilities()
     bed_ssh.require_ssh_tools()
+    before = set(Path("/tmp").glob("ray_ssh_*"))  # the launcher's SSH control sockets go under /tmp, fixed
     with netbed.Bed(["services", "head", "worker-1", "worker-2", "worker-3"]) as bed:
         try:
             laptop = Laptop(bed)
@@ -119,6 +121,8 @@ def launched():
             yield laptop, bed, started
         finally:
             keep_logs(bed, LOGS)
+            for folder in set(Path("/tmp").glob("ray_ssh_*")) - before:  # what this run's `ray up`/`down` left
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_ray_up_starts_a_cluster_whose_two_workers_train_a_job_submitted_through_the_tunnel(launched):
