@@ -19,13 +19,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	RAY_AUTH_MODE=disabled $(BIN)/python jobs/train.py
 
-# Each tier prints its wall time after its --durations table (budgets: 8 and 12 minutes on 2 cores).
+# Each tier prints its --durations table and wall time (budgets: 8 and 12 minutes on 2 cores).
 test: setup
-	@t0=$$(date +%s); $(BIN)/python -m pytest -q tests -m "not cluster" --durations=15; rc=$$?; \
-	  echo "tier 1 (unit + local end to end) wall time: $$(( $$(date +%s) - t0 )) s"; exit $$rc
+	bash tests/run_tier.sh $(BIN)/python "tier 1 (unit + local end to end)" -m "not cluster"
 	bash tests/install_bed_tools.sh                                     # ip/tc, sshd, rsync for the hosts, if missing
-	@t0=$$(date +%s); $(BIN)/python -m pytest -q tests -m cluster --durations=15; rc=$$?; \
-	  echo "cluster tier (own clusters and hosts) wall time: $$(( $$(date +%s) - t0 )) s"; exit $$rc
+	bash tests/run_tier.sh $(BIN)/python "cluster tier (own clusters and hosts)" -m cluster
 
 bench: setup
 	$(BIN)/python jobs/benchmark.py step

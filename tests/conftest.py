@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import leftovers
 from servers import free_port  # noqa: F401  (re-exported for the tests)
 
 # Token auth would make a later `ray start --head` + `ray job submit` fail (see PITFALLS).
@@ -34,6 +35,14 @@ for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 REPO = Path(__file__).resolve().parent.parent
+SESSION, TMP_AT_START = leftovers.mark_session()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite leaves nothing running and nothing in /tmp: a leftover fails the session, named."""
+    if lines := leftovers.report(SESSION, TMP_AT_START):
+        print("\n" + "\n".join(["the session left these behind:", *lines]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 MLFLOW_ENV_AT_START = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}

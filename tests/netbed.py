@@ -36,7 +36,6 @@ from pathlib import Path
 
 BASE = Path("/tmp")                    # short: Ray's socket paths must stay under ~107 characters
 ETC = Path("/etc/netns")               # `ip netns exec NS` mounts ETC/NS/<file> over /etc/<file>: per-host /etc files
-LOCK = BASE / "netbed.lock"            # serializes sweeping, subnet choice and creation across beds
 NAME = re.compile(r"^(nb[0-9a-f]{4})-")  # every namespace and link of a bed starts with its prefix
 HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -318,7 +317,10 @@ class Bed:
         """Sweep stale beds, pick a free 198.18.N.0/24, build bridge, namespaces and links."""
         self.owner = os.getpid()
         atexit.register(self.close)
-        with open(LOCK, "w") as lock:
+        # Sweeping, subnet choice and creation are serialized across beds by a lock on BASE itself: a lock file
+        # would be left behind in /tmp.
+        lock = os.open(BASE, os.O_RDONLY)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             sweep()
             while self.dir.exists():  # a prefix clash with a live bed: draw again
@@ -332,6 +334,8 @@ class Bed:
             except BaseException:
                 self.close()
                 raise
+        finally:
+            os.close(lock)  # and with it the lock
         return self
 
     def _free_subnet(self) -> str:

@@ -8,18 +8,21 @@ laptop: `ray up`, `ray dashboard` (the SSH tunnel), `ray job submit` through it 
     worker-1/2 the workers, set up by the head's autoscaler over SSH
     worker-3   listed in worker_ips but with no SSH server: unreachable at `ray up` time
 
-Run only these: `.venv/bin/python -m pytest -q tests/test_ray_up.py`; the hosts' logs stay in /tmp/ray-up-logs.
+Run only these: `.venv/bin/python -m pytest -q tests/test_ray_up.py`; the hosts' logs stay in
+outputs/test-logs/ray-up.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shlex
 import shutil
 import socket
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -32,7 +35,7 @@ from bed_cluster import BIN, REPO, expected_steps, keep_logs, overrides, start_s
 pytestmark = pytest.mark.cluster
 
 STEPS, LOG_EVERY, CKPT_EVERY = 8, 2, 4
-LOGS = Path("/tmp/ray-up-logs")
+LOGS = REPO / "outputs" / "test-logs" / "ray-up"
 RUN = "ray-up"
 # A Ray process, as found in a host's process list: the launcher's `ray stop` looks for the same.
 RAY_PROCESS = ("raylet", "gcs_server", "ray::", "/ray/", "default_worker.py")
@@ -182,15 +185,36 @@ def test_a_worker_unreachable_over_ssh_is_named_in_the_launchers_log_and_the_res
     assert ray_pids(bed["head"]) and ray_pids(bed["worker-1"]) and ray_pids(bed["worker-2"])
 
 
+def autoscaler_lines_since(head: netbed.Host, since: datetime) -> tuple[int, list[str]]:
+    """The head autoscaler's rounds that began after `since` (one status table per round, in monitor.log) and its
+    log lines since then (monitor.out/.err: where it says it starts updating a node)."""
+    logs = head.tmp / "ray" / "session_latest" / "logs"
+    rounds = [datetime.fromisoformat(t) for t in
+              re.findall(r"Autoscaler status: (\S+ \S+) =", (logs / "monitor.log").read_text(errors="replace"))]
+    lines = [line for f in ("monitor.out", "monitor.err")
+             for line in (logs / f).read_text(errors="replace").splitlines()
+             if (m := re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+)", line))
+             and datetime.fromisoformat(f"{m.group(1)}.{m.group(2)}") >= since]
+    return sum(t >= since for t in rounds), lines
+
+
 def test_a_second_ray_up_no_restart_changes_nothing_that_runs(launched):
     laptop, bed, _ = launched
     hosts = [bed["head"], bed["worker-1"], bed["worker-2"]]
     before = {h.name: set(ray_pids(h)) for h in hosts}
     mlflow_before = {p for p in bed["head"].pids() if b"mlflow" in Path(f"/proc/{p}/cmdline").read_bytes()}
+    sent = datetime.now()
     again = laptop.ray("up", str(laptop.yaml), "-y", "--no-restart", timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "Configuration already up to date" in again.stdout, again.stdout[-3000:]
-    time.sleep(10)  # two autoscaler rounds: it would have started updating the workers by now
+    # The head's autoscaler reads the uploaded config at each round: two whole rounds after `ray up` returned, it
+    # has decided whether the workers need a new setup (it would start an updater per worker; none may start).
+    returned = datetime.now()
+    wait_for(lambda: autoscaler_lines_since(bed["head"], returned)[0] >= 2, 60,
+             "two autoscaler rounds after the second ray up", pause=1)
+    updates = [line for line in autoscaler_lines_since(bed["head"], sent)[1] for w in hosts[1:]
+               if f"updater thread for node {w.ip}." in line]  # (worker-3 has no SSH: it may be retried)
+    assert not updates, updates
     after = {h.name: set(ray_pids(h)) for h in hosts}
     # Nothing that ran was stopped (Ray may have started short-lived workers since, so compare the old set).
     assert all(before[n] <= after[n] for n in before), {n: before[n] - after[n] for n in before}
