@@ -42,16 +42,16 @@ def setup_logging() -> None:
 
 
 def run_main(main: Callable[[], int | None]) -> None:
-    """Run a job's main; our own errors become one line on stderr and exit code 2, not a traceback."""
+    """Run a job's main; our own errors become one line on stderr and their class's exit code, not a traceback."""
     setup_logging()
     try:
         sys.exit(main() or 0)
     except Stopped as e:
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(143)  # 128 + SIGTERM, as a shell reports a process ended by it
+        sys.exit(e.exit_code)
     except DcganError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -33,6 +33,8 @@ LEASE = ".lease"
 class RunBusy(DcganError):
     """Another job holds the run name's lease."""
 
+    exit_code = 6
+
 
 RUN_HINT = "stop that job, wait for it, or choose another train.run_name"
 

@@ -35,6 +35,8 @@ for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 REPO = Path(__file__).resolve().parent.parent
+# The exit codes a user's script reads (docs/troubleshooting.md), by failure class; 2 is also argparse's own.
+EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT, EXIT_TRACKING, EXIT_BUSY = 2, 3, 4, 5, 6
 SESSION, TMP_AT_START = leftovers.mark_session()
 
 

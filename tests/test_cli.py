@@ -1,4 +1,4 @@
-"""The jobs as a user runs them: bad input ends in one clear line and exit code 2, never a traceback; the success
+"""The jobs as a user runs them: bad input ends in one clear line and its class's exit code, never a traceback; the success
 paths of prepare_data, evaluate and --config FILE; the benchmarks' JSON.
 
 The command-line contract itself (a fresh interpreter, its exit code and stderr) is checked once per job through a
@@ -15,30 +15,33 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import job_subprocess, run_job, sets, tiny_overrides
+from conftest import EXIT_CONFIG, EXIT_DATA, EXIT_TRACKING, job_subprocess, run_job, sets, tiny_overrides
 
 
-def assert_one_line_error(r, needle: str) -> None:
-    assert r.returncode == 2, (r.stdout + r.stderr)[-2000:]
+def assert_one_line_error(r, needle: str, code: int = EXIT_CONFIG) -> None:
+    assert r.returncode == code, (r.stdout + r.stderr)[-2000:]
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
-def test_every_job_fails_bad_input_with_one_line_and_exit_code_2(tmp_path):
+def test_every_job_fails_bad_input_with_one_line_and_the_exit_code_of_its_class(tmp_path):
     """One real subprocess per job: what the user's shell sees."""
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cases = [
-        (("train.py", "--set", "train.stepz=5"), "error: unknown config key 'train.stepz'"),
-        (("prepare_data.py", "folder", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")), "does not exist"),
-        (("tune.py", "--set", f"tune.space={tmp_path / 'nope.yaml'}"), "tune.space: search-space file"),
+        (("train.py", "--set", "train.stepz=5"), "error: unknown config key 'train.stepz'", EXIT_CONFIG),
+        (("prepare_data.py", "folder", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")), "does not exist",
+         EXIT_DATA),
+        (("tune.py", "--set", f"tune.space={tmp_path / 'nope.yaml'}"), "tune.space: search-space file", EXIT_CONFIG),
         (("evaluate.py", "--model", "models:/nope@champion", "--set", f"tracking.uri={db}"),
-         "models:/nope@champion: no such registered model version"),
-        (("benchmark.py", "step", "--variant", "bf16=train.precision=fp8"), "train.precision: must be one of"),
-        (("sample.py", "--set", f"tracking.uri={db}"), "models:/dcgan-generator@champion: no such registered model"),
+         "models:/nope@champion: no such registered model version", EXIT_TRACKING),
+        (("benchmark.py", "step", "--variant", "bf16=train.precision=fp8"), "train.precision: must be one of",
+         EXIT_CONFIG),
+        (("sample.py", "--set", f"tracking.uri={db}"), "models:/dcgan-generator@champion: no such registered model",
+         EXIT_TRACKING),
     ]
     with ThreadPoolExecutor(3) as pool:  # each is mostly its imports: three at a time
         results = list(pool.map(lambda case: job_subprocess(*case[0], cwd=tmp_path), cases))
-    for (argv, needle), r in zip(cases, results):
-        assert_one_line_error(r, needle)
+    for (argv, needle, code), r in zip(cases, results):
+        assert_one_line_error(r, needle, code)
         lines = r.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and sum(x.startswith("error") for x in lines) == 1, r.stderr
 
@@ -62,24 +65,26 @@ def test_train_rejects_bad_data_and_weights_before_starting_ray(tmp_path, digits
     bad = tmp_path / "inception.pth"
     bad.write_bytes(b"not weights")
     cases = [
-        (tiny_overrides(tmp_path, tmp_path / "missing"), "does not exist; build shards with"),
-        (tiny_overrides(tmp_path, tmp_path / "empty"), "holds no manifest.json and no *.tar shards"),
-        (tiny_overrides(tmp_path, digits_dir, **{"model.resolution": 64}), "model.resolution is 64 but the shards"),
+        (tiny_overrides(tmp_path, tmp_path / "missing"), "does not exist; build shards with", EXIT_DATA),
+        (tiny_overrides(tmp_path, tmp_path / "empty"), "holds no manifest.json and no *.tar shards", EXIT_DATA),
+        (tiny_overrides(tmp_path, digits_dir, **{"model.resolution": 64}), "model.resolution is 64 but the shards",
+         EXIT_CONFIG),
         (tiny_overrides(tmp_path, digits_dir, **{"metrics.inception_weights": tmp_path / "missing.pth"}),
-         "metrics.inception_weights"),
-        (tiny_overrides(tmp_path, digits_dir, **{"metrics.inception_weights": bad}), "sha256"),
+         "metrics.inception_weights", EXIT_CONFIG),
+        (tiny_overrides(tmp_path, digits_dir, **{"metrics.inception_weights": bad}), "sha256", EXIT_CONFIG),
         (tiny_overrides(tmp_path, digits_dir, **{"ray.address": "auto"}),  # a node lost takes its checkpoints
-         f"ray.storage_path '{tmp_path / 'ray_results'}' is a folder on this machine, but ray.address 'auto'"),
+         f"ray.storage_path '{tmp_path / 'ray_results'}' is a folder on this machine, but ray.address 'auto'",
+         EXIT_CONFIG),
     ]
-    for overrides, needle in cases:
-        assert_one_line_error(run_job("train.py", *sets(overrides), cwd=tmp_path), needle)
+    for overrides, needle, code in cases:
+        assert_one_line_error(run_job("train.py", *sets(overrides), cwd=tmp_path), needle, code)
     # The inputs are checked before the MLflow run is created, which comes before Ray is started.
     assert not (tmp_path / "mlflow.db").exists(), "a job with bad input went on to tracking and Ray"
 
 
 def test_unusable_data_found_by_the_workers_ends_training_in_one_line(local_ray, tmp_path):
     """A manifest-less folder of 64x64 shards trained at 32: the workers' stream stops after 101 unusable samples
-    (it used to skip forever) and the job ends with exit code 2, the reason in one line, the run marked FAILED.
+    (it used to skip forever) and the job ends with the data exit code, the reason in one line, the run marked FAILED.
     With ray.max_failures=-1 (the spot recipe: restart forever) too: no restart can fix bad data, so the restarted
     group leaves at once (it used to restart for ever, the job RUNNING and the error never shown)."""
     import io
@@ -101,7 +106,7 @@ def test_unusable_data_found_by_the_workers_ends_training_in_one_line(local_ray,
     overrides = tiny_overrides(tmp_path, data, **{"model.nc": 1, "ray.max_failures": -1, "train.run_name": "big"})
     t0 = time.time()
     r = run_job("train.py", *sets(overrides), cwd=tmp_path)
-    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    assert r.returncode == EXIT_DATA, (r.stdout + r.stderr)[-3000:]
     assert time.time() - t0 < 120  # one restart of the group at most, which leaves at once
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 101 of 101 samples unreadable") and "image is 64x64, expected 32x32" in last, last

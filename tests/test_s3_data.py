@@ -17,7 +17,7 @@ import boto3
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, moto_server
+from conftest import EXIT_DATA, REPO, free_port, moto_server
 from dcgan_dist.data import s3, shards, sources
 from synthetic import lsun_key, write_lsun_lmdb
 from dcgan_dist.data.loader import make_batches, resolve_shards
@@ -145,7 +145,7 @@ def run_prepare(env_update, out="s3://data/errors/"):
     env = {**os.environ, **env_update}
     r = subprocess.run([sys.executable, "jobs/prepare_data.py", "digits", "--out", out], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == EXIT_DATA and "Traceback" not in r.stderr, r.stderr[-3000:]
     return r.stderr
 
 
@@ -158,7 +158,7 @@ def test_clear_s3_errors(moto, tmp_path):
     env.update({"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "x"), "AWS_CONFIG_FILE": str(tmp_path / "y")})
     r = subprocess.run([sys.executable, "jobs/prepare_data.py", "digits", "--out", "s3://data/x/"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "no AWS credentials" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == EXIT_DATA and "no AWS credentials" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(DataError, match="bucket 'missing' does not exist"):
         resolve_shards("s3://missing/shards/")
     with pytest.raises(DataError, match="no manifest.json and no"):
@@ -185,7 +185,7 @@ def test_wrong_credentials_are_named(tmp_path):
         env = {**os.environ, **client_env(server.url)}
         r = subprocess.run([sys.executable, "jobs/prepare_data.py", "digits", "--out", "s3://data/x/"], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.returncode == EXIT_DATA and "Traceback" not in r.stderr
         assert "rejected the credentials" in r.stderr and "s3://data/x/" in r.stderr
     finally:
         server.stop()

@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 from PIL import Image
 
-from conftest import free_port, run_job
+from conftest import EXIT_TRACKING, free_port, run_job
 
 
 def test_sample_job_writes_a_grid_and_arrays_reproducibly(digits_model, tmp_path):
@@ -46,7 +46,7 @@ def test_sample_job_writes_a_grid_and_arrays_reproducibly(digits_model, tmp_path
     for bad, named in ((f"models:/{name}/99", f"models:/{name}/99"), (f"models:/{name}@nobody", "@nobody"),
                        ("models:/nosuchmodel@champion", "nosuchmodel")):
         result = run_job("sample.py", bad, "--out", str(tmp_path / "x.png"), "--set", tracking)
-        assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr
+        assert result.returncode == EXIT_TRACKING and named in result.stderr and "Traceback" not in result.stderr
 
 
 def post(url: str, body: dict | str) -> tuple[int, dict]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import tiny_overrides
+from conftest import EXIT_BUSY, tiny_overrides
 from dcgan_dist.config import load_config
 from dcgan_dist.torch_utils import resolve_precision
 from dcgan_dist.tracking import find_run
@@ -198,7 +198,7 @@ def test_a_second_job_on_a_busy_run_name_is_refused_and_sigterm_stops_the_first_
         # A second job with the same run name meanwhile: refused at once, naming the holder; the first goes on.
         t0 = time.time()
         second = run_job("train.py", *sets(overrides), cwd=tmp_path)
-        assert second.returncode == 2 and time.time() - t0 < 30, second.stderr[-2000:]
+        assert second.returncode == EXIT_BUSY and time.time() - t0 < 30, second.stderr[-2000:]
         assert "train.run_name 'stopped' is being trained by" in second.stderr.strip().splitlines()[-1]
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
