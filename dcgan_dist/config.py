@@ -69,9 +69,10 @@ NAME_RULE = "must start with a letter or digit and hold only letters, digits and
 
 @dataclass
 class ModelConfig:
-    preset: str = doc("architecture preset: 'examples' (pytorch/examples) or 'paper' (ngf=ndf=128, 5x5)", "examples",
-                      one_of(*PRESETS))
-    resolution: int = doc("image side in pixels: 32, 64 or 128 (sets the network depth)", 32, one_of(*RESOLUTIONS))
+    preset: str = doc("architecture preset: 'examples' (pytorch/examples: ngf=ndf=64, 4x4) or 'paper' "
+                      "(ngf=ndf=128, 5x5)", "examples", one_of(*PRESETS))
+    resolution: int = doc("image side in pixels: 32, 64 or 128 (sets the network depth); must match the shards", 32,
+                          one_of(*RESOLUTIONS))
     nz: int = doc("latent dimension", 100, POSITIVE)
     ngf: int = doc("generator base channels; 0 = the preset's", 0, POSITIVE)
     ndf: int = doc("discriminator base channels; 0 = the preset's", 0, POSITIVE)
@@ -81,7 +82,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    url: str = doc("shards: a local folder with manifest.json, or a brace pattern like dir/shard-{000000..000009}.tar", "data/digits-32",
+    url: str = doc("shards: a local folder with manifest.json, s3://bucket/prefix/, or a brace pattern like "
+                   "dir/shard-{000000..000009}.tar; the default (the embedded digits) is built on first use",
+                   "data/digits-32",
                    NOT_EMPTY, NAMES_A_BUCKET)
     num_workers: int = doc("DataLoader worker processes per training rank (decode happens there)", 1, at_least(0))
     shuffle_buffer: int = doc("samples held in each stream's shuffle buffer", 1000, at_least(1))
@@ -96,8 +99,8 @@ class DataConfig:
     max_stall_s: float = doc("stop with an error when no usable image came for this long (S3 down for good)", 60.0,
                              POSITIVE)
     streams: int = doc("0 = each rank draws shards at random; N = N seeded virtual streams, so the images of each "
-                       "step are the same whatever the number of workers (elastic training; needs >= N shards)", 0,
-                       at_least(0))
+                       "step are the same whatever the number of workers (elastic training; needs a manifest and "
+                       ">= N shards; reads in a thread, so data.num_workers is unused)", 0, at_least(0))
 
 
 @dataclass
@@ -119,18 +122,21 @@ class TrainConfig:
     sample_every: int = doc("steps between 8x8 sample grids (0 = only at the end)", 100, at_least(0))
     run_name: str = doc("run name; the same name resumes from its latest checkpoint ('' = new timestamped name)", "",
                         matches(RUN_NAME, NAME_RULE, empty_ok=True))
-    sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics (GPU only)", False)
+    sync_batchnorm: bool = doc("use SyncBatchNorm across ranks instead of per-rank batch statistics (GPU only: PyTorch "
+                                "has no CPU SyncBatchNorm)", False)
     channels_last: bool = doc("NHWC memory layout for G, D and batches (1.3x faster convolutions on CPU)", True)
-    precision: str = doc("auto (bf16 where the hardware has it natively, else fp32), fp32, bf16 (autocast) or fp16 "
-                         "(autocast + grad scaler); weights and Adam stay fp32", "auto", one_of(*PRECISIONS))
+    precision: str = doc("auto (bf16 where the hardware computes it natively: CUDA Ampere+, CPUs with AMX or "
+                         "AVX512-BF16; else fp32), fp32, bf16 (autocast) or fp16 (autocast + grad scaler); weights and "
+                         "Adam stay fp32; the run's precision tag says what ran", "auto", one_of(*PRECISIONS))
     fused_adam: bool = doc("Adam's fused kernel (one kernel for all parameters instead of a loop)", False)
-    compile: str = doc("torch.compile G and D: none, default, or reduce-overhead (CUDA graphs on GPU); "
-                       "falls back to eager where compilation fails", "none", one_of(*COMPILE_MODES))
+    compile: str = doc("torch.compile G and D for the training shapes: none, default, reduce-overhead (CUDA graphs on "
+                       "GPU) or max-autotune; evaluation and grids run eagerly; a compile failure stops the run with "
+                       "its error (no silent eager fallback)", "none", one_of(*COMPILE_MODES))
     eval_every: int = doc("steps between quality evaluations, each also a checkpoint (0 = never)", 100, at_least(0))
     ema_decay: float = doc("generator weight EMA decay, evaluated and exported when on (0 = off; 0.999 typical)", 0.0,
                            BELOW_ONE)
     check_replicas: bool = doc("at every checkpoint, every rank hashes G and reports it (g_digests): equal hashes "
-                               "prove DDP kept the replicas identical", False)
+                               "prove DDP kept the replicas identical (costs a hash of G per checkpoint)", False)
     key_log: str = doc("folder where every rank writes the sample keys of each step (checks data order; needs "
                        "data.streams; '' = off)", "")
 
@@ -138,15 +144,18 @@ class TrainConfig:
 @dataclass
 class RayConfig:
     address: str = doc("Ray cluster: '' = start a local one, 'auto' = the one this job runs in, or ray://host:port", "")
-    num_workers: str = doc("training workers (DDP ranks): N, or MIN-MAX to train elastically on what is there", "2")
+    num_workers: str = doc("training workers (DDP ranks): N, or MIN-MAX to train elastically on what is there "
+                           "(docs/training.md, elastic training)", "2")
     resize_check_s: float = doc("elastic: seconds between checks for room to grow the group back to MAX", 60.0,
                                 POSITIVE)
     start_timeout_s: float = doc("how long a worker group may take to start before Ray Train tries again (elastic: "
-                                 "with fewer workers, once a lost node is known dead)", 60.0, POSITIVE)
+                                 "with fewer workers, once a lost node is known dead: lower it, e.g. 20, so a group "
+                                 "that lost a node without notice restarts smaller sooner)", 60.0, POSITIVE)
     use_gpu: bool = doc("one GPU per worker and NCCL; False = CPU with gloo", False)
     cpus_per_worker: float = doc("CPUs reserved per worker", 1.0, POSITIVE)
     storage_path: str = doc("where checkpoints go: a local folder, s3://bucket/prefix, or on a cluster without S3 "
-                            "file:///folder/every/node/mounts", "ray_results", NOT_EMPTY, NAMES_A_BUCKET)
+                            "file:///folder/every/node/mounts; with ray.address set, a local folder is refused",
+                            "ray_results", NOT_EMPTY, NAMES_A_BUCKET)
     max_failures: int = doc("worker-group restarts allowed before the run fails (-1 = unlimited)", 2, at_least(-1))
     keep_checkpoints: int = doc("checkpoints kept per run (oldest deleted first)", 3, at_least(1))
     ddp_bucket_mb: int = doc("DDP gradient bucket size in MB (smaller buckets overlap allreduce with backward "
@@ -169,7 +178,9 @@ class RayConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = doc("MLflow tracking URI (sqlite:///file.db, http://host:5000, ...)", "sqlite:///mlflow.db", NOT_EMPTY)
+    uri: str = doc("MLflow tracking URI (sqlite:///file.db, http://host:5000, ...); on a cluster "
+                   "http://127.0.0.1:PORT means the driver's machine, and ranks on other nodes are sent its address",
+                   "sqlite:///mlflow.db", NOT_EMPTY)
     experiment: str = doc("MLflow experiment name", "dcgan",
                           matches(EXPERIMENT_NAME, "must be a name of letters, digits, spaces and . _ / -"))
     model_name: str = doc("registered model name for the trained generator", "dcgan-generator",
@@ -409,3 +420,44 @@ def describe() -> str:
             default = getattr(section.default_factory(), f.name)
             lines.append(f"  {section.name}.{f.name} = {default!r}\n      {f.metadata.get('doc', '')}")
     return "\n".join(lines)
+
+
+GENERATE = "python -m dcgan_dist.config > docs/configuration.md"
+
+
+def _markdown_value(value: Any) -> str:
+    """A default as the YAML a user would write for it (`true`, `''`, `0.0002`), in backticks."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = value or "''"
+    else:
+        text = repr(value)
+    return f"`{text}`"
+
+
+def markdown_reference() -> str:
+    """Every section and key with its default and doc, as Markdown: docs/configuration.md, one table per section.
+    Written by `python -m dcgan_dist.config > docs/configuration.md`; tests/test_config.py fails when it is stale."""
+    sections = [s.name for s in dataclasses.fields(Config)]
+    lines = [
+        "# Configuration reference",
+        "",
+        f"> Generated by `{GENERATE}` from `dcgan_dist/config.py`: do not edit by hand.",
+        "",
+        "Every key has a default; `python jobs/train.py --help-config` prints them all with their docs.",
+        "Override with a YAML file (`--config my.yaml`, sections " + ", ".join(f"`{s}:`" for s in sections) + ")",
+        "and/or `--set section.key=value` (repeatable; values are read as YAML, so `1e-4` and `true` work).",
+        "Unknown keys and wrong types fail before anything starts, naming the key.",
+    ]
+    for section in dataclasses.fields(Config):
+        defaults = section.default_factory()
+        lines += ["", f"## {section.name}", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(defaults):
+            meaning = f.metadata.get("doc", "").replace("|", "\\|")
+            lines.append(f"| `{section.name}.{f.name}` | {_markdown_value(getattr(defaults, f.name))} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_reference(), end="")
