@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Callable
@@ -16,7 +17,8 @@ def config_parser(doc: str) -> argparse.ArgumentParser:
     first, _, rest = doc.strip().partition("\n")
     p = argparse.ArgumentParser(description=first, epilog=f"examples:\n{rest.strip(chr(10))}" if rest.strip() else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file with config sections (model:, data:, train:, ray:, tracking:)")
+    sections = ", ".join(f"{s.name}:" for s in dataclasses.fields(Config))
+    p.add_argument("--config", help=f"YAML file with config sections ({sections})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.steps=200 (repeatable)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
