@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,18 @@ def test_the_configuration_reference_is_generated_and_current():
     assert all(f"`{k}`" in reference for k in load_config().flat())
     written = (ROOT / "docs" / "configuration.md").read_text()
     assert written == reference, f"docs/configuration.md is stale: run `{GENERATE}`"
+
+
+def test_docs_links_resolve():
+    """Every relative link in README.md and docs/*.md names a file that exists (anchors are not checked)."""
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links in code blocks are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = target.split("#", 1)[0]
+            if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, f"links to missing files: {broken}"
 
 
 def test_metric_and_search_settings_are_checked():
