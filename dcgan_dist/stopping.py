@@ -10,7 +10,7 @@ it. `ray job stop` sends SIGKILL `RAY_JOB_STOP_WAIT_TIME_S` (3 s by default) aft
 the driver can run; a record left in Ray's key-value store (as this module once did, through a private API)
 outlived the job, and the next submit of the same run found it and stopped at its first log step. An actor is
 owned by the driver's job, and Ray ends it with the job however the job ends. (Set RAY_JOB_STOP_WAIT_TIME_S in the
-job's runtime_env env_vars to give the workers time to checkpoint: README.)
+job's runtime_env env_vars to give the workers time to checkpoint: docs/cluster.md, "Stopping a job".)
 """
 
 from __future__ import annotations

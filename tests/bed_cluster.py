@@ -2,7 +2,7 @@
 
     services   moto's S3 server, and `cluster/start_mlflow.sh` with basic auth and its artifacts in that S3
     head       the exact `head_start_ray_commands` of ray_cluster.yaml (token auth on); the two tunnels of
-               README "Running on a cluster": its loopback dashboard for the laptop, and its `127.0.0.1:5000`,
+               docs/cluster.md "Running on a cluster": its loopback dashboard for the laptop, and its `127.0.0.1:5000`,
                which leads to the MLflow server on `services`
     worker-N   the exact `worker_start_ray_commands`
 
@@ -63,7 +63,7 @@ def start_commands(kind: str, host: Host, head_ip: str) -> list[str]:
 
 
 def write_secrets(home: Path, token: str, mlflow_password: str) -> None:
-    """README "Running on a cluster", step 1: the Ray token and the MLflow client login in `home`, mode 600."""
+    """docs/cluster.md "Running on a cluster", step 1: the Ray token and the MLflow client login in `home`, mode 600."""
     for path, text in ((".ray/auth_token", token), (".mlflow/credentials", f"[mlflow]\nmlflow_tracking_username = "
                        f"{MLFLOW_USER}\nmlflow_tracking_password = {mlflow_password}\n")):
         (home / path).parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def write_secrets(home: Path, token: str, mlflow_password: str) -> None:
 
 def start_s3(host: Host) -> str:
     """moto's S3 server on `host` with the buckets data, ckpt and mlflow, and the digits as shards in s3://data/
-    (built from the laptop, README "Bring your own data"); returns its URL."""
+    (built from the laptop, docs/data.md "Bring your own data"); returns its URL."""
     url = f"http://{host.ip}:{S3_PORT}"
     host.spawn([str(BIN / "moto_server"), "-H", "0.0.0.0", "-p", str(S3_PORT)], log="moto.log")
     wait_for(lambda: urllib.request.urlopen(f"{url}/moto-api/", timeout=1), 30, f"moto on {host.name}")
@@ -105,8 +105,8 @@ def s3_endpoint(url: str):
 
 
 def overrides(run_name: str, steps: int, log_every: int, ckpt_every: int, **extra) -> list[str]:
-    """README step 4's command, tiny: 2 workers on the 2 worker hosts (2 CPUs each), data and checkpoints in S3,
-    `tracking.uri=http://127.0.0.1:5000` exactly as the README says."""
+    """docs/cluster.md step 4's command, tiny: 2 workers on the 2 worker hosts (2 CPUs each), data and checkpoints in
+    S3, `tracking.uri=http://127.0.0.1:5000` exactly as docs/cluster.md says."""
     values = {
         "ray.address": "auto", "ray.num_workers": 2, "ray.cpus_per_worker": 2,
         "data.url": DIGITS, "model.resolution": 32, "data.num_workers": 0, "data.shuffle_buffer": 200,
@@ -238,11 +238,11 @@ class BedCluster:
 
     # --- the laptop -------------------------------------------------------------------------------------------
     def client_env(self) -> dict:
-        """The laptop's shell for `ray job submit` (README step 3): token auth with the cluster's token."""
+        """The laptop's shell for `ray job submit` (docs/cluster.md step 3): token auth with the cluster's token."""
         return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
     def submit(self, overrides: list[str], wait: bool = True):
-        """`ray job submit` of jobs/train.py as README step 4 writes it; returns the CompletedProcess, or the
+        """`ray job submit` of jobs/train.py as docs/cluster.md step 4 writes it; returns the CompletedProcess, or the
         Popen with `wait=False` (its output goes to a log file, `proc.log`)."""
         runtime_env = {"excludes": UPLOAD_EXCLUDES,
                        "env_vars": {"AWS_ENDPOINT_URL_S3": self.s3_url, "AWS_DEFAULT_REGION": "us-east-1"}}

@@ -2,8 +2,8 @@
 
     python tests/tcp_forward.py LISTEN_IP:PORT TARGET_IP:PORT
 
-The bed uses it for the two tunnels of README "Running on a cluster": the laptop reaching the head's
-loopback-only dashboard, and the head's own `127.0.0.1:5000` (the MLflow server the README puts on the head;
+The bed uses it for the two tunnels of docs/cluster.md "Running on a cluster": the laptop reaching the head's
+loopback-only dashboard, and the head's own `127.0.0.1:5000` (the MLflow server docs/cluster.md puts on the head;
 on the bed that server lives on the `services` host, so its crashes and restarts stay real).
 """
 

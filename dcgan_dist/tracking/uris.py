@@ -40,8 +40,8 @@ def artifact_location(uri: str) -> str | None:
 
 
 def as_seen_from(uri: str, driver_ip: str, node_ip: str) -> str:
-    """The tracking URI as a process on `node_ip` reaches it. A loopback server (`http://127.0.0.1:5000`, as the
-    README says for the server on the head) is the driver's machine, so on any other node it is at the driver's
+    """The tracking URI as a process on `node_ip` reaches it. A loopback server (`http://127.0.0.1:5000`, as
+    docs/cluster.md says for the server on the head) is the driver's machine, so on any other node it is at the driver's
     address; the server must listen there too (cluster/start_mlflow.sh: MLFLOW_HOST)."""
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or node_ip == driver_ip or not _is_loopback(parts.hostname or ""):
