@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch/torchvision are pinned to the builds that ship on this kind of machine (see README).
+# torch/torchvision are pinned to the builds whose wheels ship on this kind of machine (pip finds them on its disk).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test bench bench-gpu clean

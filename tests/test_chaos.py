@@ -222,7 +222,7 @@ def group_sizes(cluster: BedCluster, run_name: str) -> tuple[list[int], dict[str
 
 
 def test_elastic_a_preempted_host_shrinks_the_group_its_return_grows_it_and_each_step_sees_the_same_images(cluster):
-    """ray.num_workers=1-2 (the README's spot recipe). worker-2's node is drained for preemption with a 20 s
+    """ray.num_workers=1-2 (docs/training.md's spot recipe). worker-2's node is drained for preemption with a 20 s
     deadline (how a spot instance's notice reaches Ray): the group checkpoints at once, before the deadline; the
     host dies after the deadline and training goes on with one worker right after the newest checkpoint; the host
     comes back and the group grows to two at the next resize check. Every global step took the same images as one
@@ -249,8 +249,8 @@ def test_elastic_a_preempted_host_shrinks_the_group_its_return_grows_it_and_each
     notice = wait_for(lambda: re.search(r"to be preempted .*: checkpoint at step (\d+)", proc.log.read_text()),
                       deadline_s, "the notice answered by a checkpoint", pause=0.2)
     noticed = int(notice.group(1))
-    wait_for(lambda: noticed in checkpoints(cluster, name), deadline - time.time(), "its checkpoint before the deadline",
-             pause=0.2)
+    wait_for(lambda: noticed in checkpoints(cluster, name), deadline - time.time(),
+             "its checkpoint before the deadline", pause=0.2)
     noticed_s = deadline_s - (deadline - time.time())
     time.sleep(max(0.0, deadline - time.time()))
     saved = checkpoints(cluster, name)
@@ -356,8 +356,8 @@ def no_secret_stored_or_logged(cluster: BedCluster, run_name: str, run, out: str
 
 @pytest.mark.timeout(1200)
 def test_one_long_run_meets_every_fault_in_turn_and_ends_with_every_step_once(cluster):
-    """One job on two worker hosts, data and checkpoints in S3, MLflow with auth (README step 4), meets in turn:
-    (1) the link to S3 and MLflow degraded for 30 s (20% loss, 200 ms more per round trip), (2) the MLflow server
+    """One job on two worker hosts, data and checkpoints in S3, MLflow with auth (docs/cluster.md, step 4), meets
+    in turn: (1) the link to S3 and MLflow degraded for 30 s (20% loss, 200 ms more per round trip), (2) the MLflow server
     SIGKILLed for 30 s and meanwhile the rank-1 Ray Train worker SIGKILLed, (3) a worker host killed and back 10 s
     later, (4) a worker host's link cut for 20 s, (5) the head and every node lost: `ray up` on a new head and the
     same submit resume into the same run. Each fault must hit what it claims (the link measured slow, the victim

@@ -1,5 +1,5 @@
-"""The jobs as a user runs them: bad input ends in one clear line and its class's exit code, never a traceback; the success
-paths of prepare_data, evaluate and --config FILE; the benchmarks' JSON.
+"""The jobs as a user runs them: bad input ends in one clear line and its class's exit code, never a traceback; the
+success paths of prepare_data, evaluate and --config FILE; the benchmarks' JSON.
 
 The command-line contract itself (a fresh interpreter, its exit code and stderr) is checked once per job through a
 subprocess; every other case runs the same job in-process (`run_job`), which parses, fails and exits the same way.
