@@ -25,6 +25,15 @@ def config_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+CHAMPION = "models:/dcgan-generator@champion"
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    """`--model`, the one way every job that reads a registered generator names it."""
+    p.add_argument("--model", default=CHAMPION,
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s, the best so far)")
+
+
 def parse_config(args: argparse.Namespace) -> Config:
     if args.help_config:
         print(describe())

@@ -5,12 +5,12 @@
         --set metrics.inception_weights=/models/pt_inception-2015-12-05-6726825d.pth
 """
 
-from dcgan_dist.cli import config_parser, parse_config, run_main
+from dcgan_dist.cli import add_model_argument, config_parser, parse_config, run_main
 
 
 def main() -> int:
     parser = config_parser(__doc__)
-    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    add_model_argument(parser)
     parser.add_argument("--data", help="shards to compare with (default: the data.url the model was trained on)")
     args = parser.parse_args()
     cfg = parse_config(args)

@@ -12,7 +12,7 @@
 
 import importlib
 
-from dcgan_dist.cli import config_parser, parse_config, run_main
+from dcgan_dist.cli import add_model_argument, config_parser, parse_config, run_main
 from dcgan_dist.errors import DcganError
 
 MODULES = ["latent_walk", "vector_arithmetic", "feature_svm", "guided_backprop", "label_boxes", "forget",
@@ -26,8 +26,7 @@ def main() -> int:
     for name in MODULES:
         module = importlib.import_module(f"dcgan_dist.experiments.{name}")
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
-        p.add_argument("--model", default="models:/dcgan-generator@champion",
-                       help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the champion)")
+        add_model_argument(p)
         p.add_argument("--out", help="output folder (default outputs/experiments/NAME-vVERSION)")
         p.add_argument("--seed", type=int, default=0, help="seed for every random draw (same seed, same figures)")
         p.add_argument("--set", dest="more_overrides", action="append", default=[], metavar="KEY=VALUE",

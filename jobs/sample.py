@@ -1,17 +1,16 @@
 """Sample a registered generator: an image grid, raw arrays, or a latent walk.
 
     python jobs/sample.py                                          # models:/dcgan-generator@champion -> samples.png
-    python jobs/sample.py models:/dcgan-generator/3 -n 16 --seed 7 --out grid.png --npz samples.npz
+    python jobs/sample.py --model models:/dcgan-generator/3 -n 16 --seed 7 --out grid.png --npz samples.npz
     python jobs/sample.py --interpolate 10 -n 4 --out walk.png     # 4 rows of 10 steps between random points
 """
 
-from dcgan_dist.cli import config_parser, parse_config, run_main
+from dcgan_dist.cli import add_model_argument, config_parser, parse_config, run_main
 
 
 def main() -> int:
     parser = config_parser(__doc__)
-    parser.add_argument("model", nargs="?", default="models:/dcgan-generator@champion",
-                        help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    add_model_argument(parser)
     parser.add_argument("-n", type=int, default=64, help="images, or rows with --interpolate (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same images")
     parser.add_argument("--out", default=None, help="PNG grid to write (default: samples.png unless --npz is given)")

@@ -19,22 +19,22 @@ from conftest import EXIT_TRACKING, free_port, run_job
 def test_sample_job_writes_a_grid_and_arrays_reproducibly(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
     tracking = f"tracking.uri={tracking_uri}"
-    first = run_job("sample.py", model_uri, "-n", "10", "--seed", "3", "--out", str(tmp_path / "a.png"),
+    first = run_job("sample.py", "--model", model_uri, "-n", "10", "--seed", "3", "--out", str(tmp_path / "a.png"),
                     "--npz", str(tmp_path / "a.npz"), "--set", tracking)
     assert first.returncode == 0, first.stderr
     assert Image.open(tmp_path / "a.png").size == (8 * 34 + 2, 2 * 34 + 2)  # 10 tiles of 32 px, 8 per row
     images = np.load(tmp_path / "a.npz")["images"]
     assert images.shape == (10, 1, 32, 32) and images.dtype == np.float32
     assert -1 <= images.min() < images.max() <= 1
-    again = run_job("sample.py", model_uri, "-n", "10", "--seed", "3", "--npz", str(tmp_path / "b.npz"),
+    again = run_job("sample.py", "--model", model_uri, "-n", "10", "--seed", "3", "--npz", str(tmp_path / "b.npz"),
                     "--set", tracking)
     assert again.returncode == 0 and not (tmp_path / "samples.png").exists()  # --npz alone writes no grid
     np.testing.assert_array_equal(np.load(tmp_path / "b.npz")["images"], images)  # same seed, same images
-    other = run_job("sample.py", model_uri, "-n", "10", "--seed", "4", "--npz", str(tmp_path / "c.npz"),
+    other = run_job("sample.py", "--model", model_uri, "-n", "10", "--seed", "4", "--npz", str(tmp_path / "c.npz"),
                     "--set", tracking)
     assert other.returncode == 0 and not np.allclose(np.load(tmp_path / "c.npz")["images"], images)
 
-    walk = run_job("sample.py", model_uri, "-n", "2", "--interpolate", "6", "--out", str(tmp_path / "walk.png"),
+    walk = run_job("sample.py", "--model", model_uri, "-n", "2", "--interpolate", "6", "--out", str(tmp_path / "walk.png"),
                    "--npz", str(tmp_path / "walk.npz"), "--set", tracking)
     assert walk.returncode == 0, walk.stderr
     assert Image.open(tmp_path / "walk.png").size == (6 * 34 + 2, 2 * 34 + 2)
@@ -45,7 +45,7 @@ def test_sample_job_writes_a_grid_and_arrays_reproducibly(digits_model, tmp_path
     name = model_uri.split("/")[1]
     for bad, named in ((f"models:/{name}/99", f"models:/{name}/99"), (f"models:/{name}@nobody", "@nobody"),
                        ("models:/nosuchmodel@champion", "nosuchmodel")):
-        result = run_job("sample.py", bad, "--out", str(tmp_path / "x.png"), "--set", tracking)
+        result = run_job("sample.py", "--model", bad, "--out", str(tmp_path / "x.png"), "--set", tracking)
         assert result.returncode == EXIT_TRACKING and named in result.stderr and "Traceback" not in result.stderr
 
 
