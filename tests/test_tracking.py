@@ -124,3 +124,35 @@ def test_held_metrics_travel_in_a_checkpoint_and_are_delivered_once(tmp_path):
     assert tracking.deliver_held(uri, run_id, held) == 4  # step 2 was already there
     assert tracking.deliver_held(uri, run_id, held) == 0  # and nothing twice
     assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss_d")] == [2, 4, 6]
+
+
+def test_a_grid_reaches_the_run_once_across_restarts_and_an_item_the_server_refuses_is_dropped(tmp_path):
+    """A restarted rank 0 redoing a step does not upload its grid again (by file or in the image view); a tag the
+    server refuses for good (an invalid name) is dropped after a few tries with a count, and the
+    metrics queued behind it still arrive."""
+    import torch
+
+    from dcgan_dist import tracking
+    from dcgan_dist.tracking import run_logger
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = load_config(overrides=[f"tracking.uri={uri}"])
+    run_id, _ = start_run(cfg, "grids")
+    images = torch.rand(64, 1, 32, 32) * 2 - 1
+    for _ in range(2):  # the first rank 0, then its successor redoing step 4
+        logger = tracking.RunLogger(uri, run_id, retry_s=0.05, skip_logged=True)
+        logger.log_grid(4, images)
+        assert logger.close() == 0
+    client = MlflowClient(uri)
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_000004.png"]
+    shown = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert len(shown) == 1, shown
+
+    logger = tracking.RunLogger(uri, run_id, retry_s=0.05)
+    logger.set_tags({"not a valid name!": "x"})  # refused by the store every time
+    logger.add(2, {"loss_d": 0.5})
+    logger.flush()
+    assert logger.close() == 0
+    assert logger.dropped_items == 1 and run_logger.ITEM_TRIES > 1
+    assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == [2]
+    assert "not a valid name!" not in client.get_run(run_id).data.tags

@@ -19,6 +19,7 @@ from torchvision.utils import make_grid
 from dcgan_dist.tracking.uris import redact
 
 log = logging.getLogger(__name__)
+ITEM_TRIES = 3  # tries of a grid or tag the server answers for but refuses, before it is dropped
 
 
 class RunLogger:
@@ -41,6 +42,8 @@ class RunLogger:
         self._cond = threading.Condition()
         self._closing = False
         self.dropped = 0
+        self.dropped_items = 0  # grids and tags given up on: the server answered, but never took them
+        self.grids_logged: set[int] = set()  # steps whose grid the run has (a redone step's is not sent again)
         self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._sender.start()
         if skip_logged:
@@ -51,6 +54,8 @@ class RunLogger:
 
     def _read_logged_until(self) -> None:
         self.logged_until = logged_until(self.client, self.run_id)
+        self.grids_logged = {int(a.path[-10:-4]) for a in self.client.list_artifacts(self.run_id, "samples")
+                             if a.path.endswith(".png") and a.path[-10:-4].isdigit()}
 
     def _send_metrics(self, batch: list[Metric]) -> None:
         fresh = [m for m in batch if m.step > self.logged_until]
@@ -69,17 +74,24 @@ class RunLogger:
             self._cond.notify_all()
 
     def _send_loop(self) -> None:
-        down_since = None
+        down_since, failures = None, 0
         while True:
             with self._cond:
                 while not self._outbox and not self._closing:
                     self._cond.wait()
                 if not self._outbox:
                     return
-                _, send = self._outbox[0]
+                metrics, send = self._outbox[0]
             try:
                 send()
             except Exception as e:  # the server is down or refusing: hold everything, retry later
+                # An item the server answers for but never takes (a grid a proxy refuses as too large): dropped
+                # after a few tries, so it cannot hold back the metrics behind it for the rest of the run.
+                failures += 1
+                if not metrics and failures >= ITEM_TRIES and self._server_answers():
+                    self._drop_head(send, e)
+                    failures = 0
+                    continue
                 if down_since is None:
                     down_since = time.time()
                     log.warning("MLflow at %s unreachable (%s): holding metrics and images, retrying every %.0f s",
@@ -87,6 +99,7 @@ class RunLogger:
                 with self._cond:
                     self._cond.wait(self.retry_s)
                 continue
+            failures = 0
             with self._cond:
                 if self._outbox and self._outbox[0][1] is send:
                     self._outbox.popleft()
@@ -95,6 +108,22 @@ class RunLogger:
                 log.warning("MLflow at %s reachable again after %.0f s: delivering held items", self.uri,
                             time.time() - down_since)
                 down_since = None
+
+    def _server_answers(self) -> bool:
+        try:
+            self.client.get_run(self.run_id)
+            return True
+        except Exception:  # noqa: BLE001 - down: the item is not the problem
+            return False
+
+    def _drop_head(self, send, error: Exception) -> None:
+        with self._cond:
+            if self._outbox and self._outbox[0][1] is send:
+                self._outbox.popleft()
+                self.dropped_items += 1
+            self._cond.notify_all()
+        log.warning("MLflow at %s refused an item (a grid or tag) %d times while answering others; dropped it "
+                    "(%d so far): %s", self.uri, ITEM_TRIES, self.dropped_items, str(error).splitlines()[0][:200])
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         ts = int(time.time() * 1000)
@@ -131,8 +160,25 @@ class RunLogger:
         """An 8x8 grid as `samples/step_NNNNNN.png` and in the run's image view (key `samples`)."""
         grid = make_grid(images.detach().float().cpu(), nrow=8, padding=2, normalize=True, value_range=(-1, 1))
         arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        self._enqueue([], lambda: self.client.log_image(self.run_id, arr, artifact_file=f"samples/step_{step:06d}.png"))
-        self._enqueue([], lambda: self.client.log_image(self.run_id, arr, key="samples", step=step))
+        self._enqueue([], lambda: self._send_grid(step, arr))
+
+    def _send_grid(self, step: int, arr: np.ndarray) -> None:
+        """Once per step across restarts: the file named by its step, written last, says the run has it."""
+        if step in self.grids_logged:
+            return
+        self.client.log_image(self.run_id, arr, key="samples", step=step)
+        self.client.log_image(self.run_id, arr, artifact_file=f"samples/step_{step:06d}.png")
+        self.grids_logged.add(step)
+
+    def abandon(self) -> int:
+        """Send nothing more: another job took this run over (its lease) and resumes from the checkpoint that
+        carries what is held here. Returns the metric values left unsent."""
+        with self._cond:
+            left = sum(len(m) for m, _ in self._outbox) + len(self.pending)
+            self._outbox.clear()
+            self.pending, self._closing = [], True
+            self._cond.notify_all()
+        return left
 
     def close(self) -> int:
         """Deliver what is held (waiting up to close_timeout_s); returns, and warns about, undelivered metric values."""
