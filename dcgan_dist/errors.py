@@ -39,6 +39,12 @@ class TrackingError(DcganError):
     exit_code = 5
 
 
+class RunBusy(DcganError):
+    """Another job holds the run name's lease, or took it over from this one (which then stops writing)."""
+
+    exit_code = 6
+
+
 class Stopped(DcganError):
     """Training was asked to stop (SIGTERM, `ray job stop`): not a failure of input, but not a finished run."""
 

@@ -6,6 +6,12 @@ In S3 (`ray.storage_path=s3://...`) the lease is an object created with `If-None
 ttl/3; a lease not renewed for `ttl_s` (its holder died) is free to take, again by compare-and-set. Machines'
 clocks must agree to within a small part of the ttl (NTP). In a folder (local, or `file://` mounted by every
 node) it is an flock on a file, which the kernel releases when its holder dies.
+
+The holder is the driver, but the writers are Ray's controller and the workers: a driver frozen or cut off past the
+ttl loses the lease while its workers train on. So rank 0 reads the lease itself (`lost`) before every checkpoint
+and every few seconds, and the group leaves without another write once it is no longer its driver's. A renewal is
+bounded well inside ttl/3 (short timeouts, one retry), so a holder learns its lease lapsed before another job can
+take it.
 """
 
 from __future__ import annotations
@@ -20,20 +26,16 @@ import threading
 import time
 from pathlib import Path
 
+import boto3
 import botocore.exceptions as bex
+from botocore.config import Config
 
 from dcgan_dist.data import s3
-from dcgan_dist.errors import DataError, DcganError
+from dcgan_dist.errors import DataError, RunBusy
 
 log = logging.getLogger(__name__)
 TTL_S = 60.0
 LEASE = ".lease"
-
-
-class RunBusy(DcganError):
-    """Another job holds the run name's lease."""
-
-    exit_code = 6
 
 
 RUN_HINT = "stop that job, wait for it, or choose another train.run_name"
@@ -46,7 +48,55 @@ def _busy(label: str, where: str, holder: dict, hint: str) -> RunBusy:
 
 def _conflict(e: bex.ClientError) -> bool:
     """S3's answers when a conditional write loses: 412 PreconditionFailed, 409 ConditionalRequestConflict."""
-    return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
+    return _status(e) in (409, 412)
+
+
+def _status(e: bex.ClientError) -> int | None:
+    return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+_clients: dict[tuple[int, float], object] = {}
+
+
+def _client(ttl_s: float):
+    """An S3 client whose every call ends well inside ttl/3 (the shared one may retry for minutes)."""
+    if (key := (os.getpid(), ttl_s)) not in _clients:
+        timeout = max(1.0, ttl_s / 12)
+        _clients[key] = boto3.session.Session().client("s3", config=Config(
+            connect_timeout=timeout, read_timeout=timeout, retries={"mode": "standard", "total_max_attempts": 2}))
+    return _clients[key]
+
+
+def lost(fence: dict) -> str | None:
+    """Why the lease `fence` names (RunLease.fence) is no longer its holder's, or None while it is, or while S3
+    cannot say (a write then fails on its own). Read by rank 0 of the holder's workers."""
+    bucket, key = s3.split(fence["where"])
+    try:
+        held = json.loads(_client(fence["ttl_s"]).get_object(Bucket=bucket, Key=key)["Body"].read())
+    except bex.ClientError as e:
+        return "its lease object is gone" if _status(e) == 404 else None
+    except (bex.BotoCoreError, OSError, ValueError):
+        return None
+    if held.get("holder") != fence["holder"]:
+        return f"{held.get('holder', '?')} took over its lease {fence['where']}"
+    if held.get("expires", 0) < time.time():
+        until = time.strftime("%H:%M:%S", time.localtime(held.get("expires", 0)))
+        return f"its driver has not renewed its lease {fence['where']} since {until} (frozen or cut off?)"
+    return None
+
+
+class LeaseWatch:
+    """Rank 0's view of its driver's lease (`fence`, None for none to watch): read again before every checkpoint,
+    and at most every ttl/6 s otherwise."""
+
+    def __init__(self, fence: dict | None):
+        self.fence, self.checked = fence, 0.0
+
+    def lost(self, before_a_write: bool) -> str | None:
+        if self.fence is None or not (before_a_write or time.time() - self.checked >= self.fence["ttl_s"] / 6):
+            return None
+        self.checked = time.time()
+        return lost(self.fence)
 
 
 class RunLease:
@@ -61,6 +111,7 @@ class RunLease:
         self.holder = f"{socket.gethostname()} pid {os.getpid()}"
         self._stop = threading.Event()
         self._etag, self._file, self._thread = None, None, None
+        self._renewed = 0.0
 
     def __enter__(self) -> "RunLease":
         deadline = time.time() + self.wait_s
@@ -95,6 +146,11 @@ class RunLease:
         if self._file:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
+
+    def fence(self) -> dict | None:
+        """What the workers need to check the lease is still their driver's (`lost`); None for a folder's flock,
+        which no one else can take while the driver's process lives."""
+        return {"where": self.where, "holder": self.holder, "ttl_s": self.ttl_s} if self._thread else None
 
     def still_held(self) -> bool:
         """Checked just before a write the lease guards (a fencing check): an flock holds while this process lives;
@@ -131,9 +187,11 @@ class RunLease:
     def _body(self) -> bytes:
         return json.dumps({"holder": self.holder, "expires": time.time() + self.ttl_s}).encode()
 
-    def _put(self, **condition) -> str:
+    def _put(self, client=None, **condition) -> str:
         bucket, key = s3.split(self.where)
-        return s3.client().put_object(Bucket=bucket, Key=key, Body=self._body(), **condition)["ETag"]
+        etag = (client or s3.client()).put_object(Bucket=bucket, Key=key, Body=self._body(), **condition)["ETag"]
+        self._renewed = time.time()
+        return etag
 
     def _acquire_s3(self) -> None:
         bucket, key = s3.split(self.where)
@@ -158,13 +216,21 @@ class RunLease:
                 raise
 
     def _renew_s3(self) -> None:
+        client = _client(self.ttl_s)
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                self._etag = self._put(IfMatch=self._etag)
+                self._etag = self._put(client, IfMatch=self._etag)
+                continue
             except bex.ClientError as e:
-                if _conflict(e):
-                    log.error("lost the lease at %s to another job: two jobs may now write there", self.where)
+                if _status(e) == 412:  # the ETag moved: another job took the lease over
+                    log.error("lost the lease at %s to another job: the workers stop writing", self.where)
                     return
-                log.warning("could not renew the lease at %s (%s); trying again", self.where, e)
+                problem = e  # 409 ConditionalRequestConflict included: AWS says to retry it
             except (bex.BotoCoreError, OSError) as e:
-                log.warning("could not renew the lease at %s (%s); trying again", self.where, e)
+                problem = e
+            late = time.time() - self._renewed
+            if late > self.ttl_s:
+                log.error("the lease at %s lapsed %.0f s ago (%s): the workers stop writing", self.where,
+                          late - self.ttl_s, problem)
+            else:
+                log.warning("could not renew the lease at %s (%s); trying again", self.where, problem)

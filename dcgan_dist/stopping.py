@@ -54,7 +54,7 @@ class StopRequest:
 # Errors that a restart from the last checkpoint meets again: bad or changed data past the data.* limits, no
 # readable checkpoint, a config the workers refuse. Ray Train would retry them ray.max_failures times (forever
 # with -1, the spot recipe), so a worker that meets one records it and the restarted group stops at once.
-UNFIXABLE = (errors.DataError, errors.CheckpointError, errors.ConfigError)
+UNFIXABLE = (errors.DataError, errors.CheckpointError, errors.ConfigError, errors.RunBusy)
 
 
 def report_fatal(request, error: errors.DcganError) -> None:

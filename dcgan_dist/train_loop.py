@@ -32,8 +32,9 @@ from dcgan_dist.data.loader import ShardSet, make_batches, to_model_input
 from dcgan_dist.data.streams import StreamBatches
 from dcgan_dist.ddp_hooks import AllreduceTimer
 from dcgan_dist.ema import GeneratorEMA, shown_generator
-from dcgan_dist.errors import CheckpointError, DataError
+from dcgan_dist.errors import CheckpointError, DataError, RunBusy
 from dcgan_dist.evaluation import UNSCORED
+from dcgan_dist.lease import LeaseWatch
 from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
@@ -86,9 +87,10 @@ class MetricWindow:
         if self.timer:
             self.timer.end_step()
 
-    def collect(self, batches, global_batch: int, stop: bool = False) -> dict[str, float]:
+    def collect(self, batches, global_batch: int, stop: float = 0) -> dict[str, float]:
         """Means over the window and the ranks (every rank must call this at the same step); starts a new window.
-        `stop` (rank 0's) comes back to every rank as metrics["stop"] > 0."""
+        `stop` (rank 0's: 1 stop with a checkpoint, 2 leave without a write) comes back to every rank as
+        metrics["stop"]."""
         comm = self.timer.collect() if self.timer else {}
         counts = torch.tensor([batches.skipped, batches.retries, float(stop)], dtype=self.sums.dtype,
                               device=self.device)
@@ -141,11 +143,31 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
             checkpoint.save(state, staging)
             if logger:  # what MLflow does not have yet survives a rank 0 that dies holding it
                 tracking.write_held(logger.held(), staging)
+            check_room(cfg.ray.storage_path, staging, step)
             ckpt = ray.train.Checkpoint.from_directory(staging)
         # Ray Train's report blocks until its controller polls, so it is called only with checkpoints;
         # per-step metrics go to MLflow directly.
         ray.train.report({**metrics, **extra}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}",
                          validation=score and ckpt is not None)
+
+
+ROOM_MARGIN = 1 << 20  # for Ray's own small files beside the checkpoint
+
+
+def check_room(storage_path: str, staging: str, step: int) -> None:
+    """A storage folder on a disk without room for this checkpoint: one line naming it and the space, before
+    Ray's copy fails halfway with an error that names neither (the last checkpoint stays whole)."""
+    if "://" in storage_path.removeprefix("file://"):
+        return  # S3 and the like: no disk of ours to measure
+    folder = Path(storage_path.removeprefix("file://"))
+    while not folder.exists():
+        folder = folder.parent
+    need = sum(f.stat().st_size for f in Path(staging).rglob("*") if f.is_file())
+    free = shutil.disk_usage(folder).free
+    if free < need + ROOM_MARGIN:
+        raise CheckpointError(f"ray.storage_path {storage_path}: {free / 2**20:.1f} MiB free, the checkpoint of "
+                              f"step {step} needs {(need + ROOM_MARGIN) / 2**20:.1f} MiB: free space there or set "
+                              "ray.storage_path elsewhere (the last checkpoint is whole; the same command resumes)")
 
 
 CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")
@@ -296,6 +318,7 @@ def run_loop(loop_config: dict) -> None:
         key_log = open(Path(t.key_log) / f"rank{rank}-of-{world}-pid{os.getpid()}.txt", "a", buffering=1)
     noticed = None  # the preemption notice already answered with a checkpoint
     stopping = False
+    watch = LeaseWatch(loop_config.get("lease")) if rank == 0 else None  # is the run still this job's?
 
     # [2] the loop
     for step in range(start, t.steps + 1):
@@ -317,8 +340,19 @@ def run_loop(loop_config: dict) -> None:
             # One collective and one device-to-host read per log step: the metrics and rank 0's answer to "was a
             # stop requested?" travel together, so every rank agrees on the step to stop at.
             asked = rank == 0 and log_now and stop_requested(loop_config.get("stop_request"))
-            metrics, evaluation = window.collect(batches, cfg.global_batch, stop=asked), None
-            stopping = metrics.pop("stop") > 0
+            fenced = watch.lost(before_a_write=save_now) if watch else None
+            metrics, evaluation = window.collect(batches, cfg.global_batch, stop=2 if fenced else asked), None
+            flag = metrics.pop("stop")
+            if flag >= 2:  # the run is no longer this job's: not one more checkpoint, metric or grid
+                if rank == 0:
+                    log.error("rank 0: %s; leaving at step %d without a checkpoint", fenced, step)
+                    report_fatal(loop_config.get("stop_request"),
+                                 RunBusy(f"run {t.run_name!r}: {fenced}; this job stopped writing at step {step}"))
+                if logger:
+                    logger.abandon()
+                    logger = None
+                break
+            stopping = flag > 0
             # A node being drained for preemption (how a spot instance's notice reaches Ray). Ray makes this call a
             # barrier of all ranks, so it is asked at log steps only. Keep what was trained now; Ray Train restarts
             # the group without that node when it goes.

@@ -22,7 +22,7 @@ from dcgan_dist import champion, checkpoint, evaluation, networks, tracking
 from dcgan_dist.config import Config, DataConfig
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import ShardSet, resolve_shards
-from dcgan_dist.errors import ConfigError, DataError, DcganError, Stopped, TrackingError
+from dcgan_dist.errors import ConfigError, DataError, DcganError, RunBusy, Stopped, TrackingError
 from dcgan_dist.ema import generator_from_state
 from dcgan_dist.evaluation import UNSCORED
 from dcgan_dist.metrics.inception import load_inception
@@ -136,11 +136,12 @@ def run_config(cfg: Config, name: str, storage_path: str | None = None, callback
 
 def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
                  init_from: ray.train.Checkpoint | None = None, loop=train_loop_per_worker,
-                 score_in_loop: bool = False, stop_request=None) -> TorchTrainer:
+                 score_in_loop: bool = False, stop_request=None, lease: dict | None = None) -> TorchTrainer:
     """`init_from`: a checkpoint a new run starts from (PBT); the run's own checkpoints, once any exist, win.
     `loop`: the per-worker function (tests wrap the real one in probes). Evaluations are scored by a Ray task beside
     training (Ray Train's checkpoint validation), or with `score_in_loop` by the ranks at the step (a search: its
-    scheduler needs the number in the step's report). `stop_request`: the job's `stopping.StopRequest`."""
+    scheduler needs the number in the step's report). `stop_request`: the job's `stopping.StopRequest`; `lease`:
+    the run lease the workers check before they write (RunLease.fence)."""
     r = cfg.ray
     # Ray Train reads this from the driver's environment and hands it to its controller. A node lost without
     # notice still counts as alive for a while; the first restart waits this long for it before trying fewer.
@@ -156,7 +157,7 @@ def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
         loop,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from": init_from,
                            "shards": dataclasses.asdict(shards_of(cfg)), "driver_ip": driver_ip,
-                           "score_in_loop": score_in_loop, "stop_request": stop_request},
+                           "score_in_loop": score_in_loop, "stop_request": stop_request, "lease": lease},
         validation_config=validation,
         scaling_config=ray.train.ScalingConfig(
             # MIN-MAX: Ray Train restarts on what is left (>= MIN) after a loss and grows back at a resize check
@@ -222,20 +223,21 @@ def train(cfg: Config) -> TrainOutcome:
     """Run (or resume) the training run `cfg.train.run_name` to `cfg.train.steps` steps; one job per run name at a
     time (a second one is refused while the first holds the run's lease)."""
     cfg = prepare_inputs(cfg)
-    with RunLease(cfg.ray.storage_path, cfg.train.run_name, ttl_s=cfg.train.lease_ttl_s):
-        return _train_holding_the_lease(cfg)
+    with RunLease(cfg.ray.storage_path, cfg.train.run_name, ttl_s=cfg.train.lease_ttl_s) as lease:
+        return _train_holding_the_lease(cfg, lease.fence())
 
 
-def _train_holding_the_lease(cfg: Config) -> TrainOutcome:
+def _train_holding_the_lease(cfg: Config, lease: dict | None) -> TrainOutcome:
     run_name = cfg.train.run_name
     run_id, resumed = tracking.start_run(cfg, run_name)
     log.info("%s MLflow run %s (%s), run name %r", "resuming" if resumed else "started", run_id,
              tracking.redact(cfg.tracking.uri), run_name)
+    tracking.log_dataset(cfg, run_id, shards_of(cfg))
     init_ray(cfg)
     stop = {"fatal": None}
     try:
         with stop_on_sigterm(cfg.train.stop_timeout_s) as stop:
-            trainer = make_trainer(cfg, run_id, run_config(cfg, run_name), stop_request=stop["request"])
+            trainer = make_trainer(cfg, run_id, run_config(cfg, run_name), stop_request=stop["request"], lease=lease)
             result = trainer.fit()
     except BaseException as e:
         end_run_quietly(cfg, run_id, "KILLED" if isinstance(e, (Stopped, KeyboardInterrupt)) else "FAILED")
@@ -244,7 +246,8 @@ def _train_holding_the_lease(cfg: Config) -> TrainOutcome:
             raise ours from None
         raise
     if stop["fatal"]:  # met by a worker; the restarted group left at once
-        end_run_quietly(cfg, run_id, "FAILED")
+        if not isinstance(stop["fatal"], RunBusy):  # else the MLflow run is the lease's new holder's now
+            end_run_quietly(cfg, run_id, "FAILED")
         raise stop["fatal"]
     if stop["requested"]:
         deliver_held(cfg, run_id, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -116,6 +117,17 @@ def wait_for_logged_step(cfg, run_name: str, step: int, running=lambda: True, ti
         time.sleep(0.2)
 
 
+def processes() -> list[tuple[int, list[str]]]:
+    """(pid, argv) of the machine's processes."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            found.append((int(p.name), (p / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]))
+        except (ValueError, OSError):
+            continue
+    return found
+
+
 def live_train_workers() -> list[int]:
     """The pids of this cluster's live Ray Train worker processes."""
     from ray.util.state import list_actors
@@ -214,6 +226,125 @@ def test_a_second_job_on_a_busy_run_name_is_refused_and_sigterm_stops_the_first_
     assert history(client, run_id, "loss_d") == list(range(2, step + 1, 2))
 
 
+def test_a_job_whose_driver_froze_past_its_lease_stops_writing_and_the_next_job_takes_the_run_over(
+        local_ray, tmp_path, digits_dir):
+    """The driver holds the run's S3 lease; Ray's controller and the workers write. The driver is frozen (SIGSTOP)
+    past the lease's ttl, as a stalled or cut-off driver would be: its workers must stop writing (no checkpoint, no
+    metric) once the lease lapsed; the same submit again takes the lease over, resumes from the last checkpoint and
+    finishes the run; the first job, thawed, fails with the busy exit code naming the lost lease and registers
+    nothing. MLflow has every logged step once, one run, FINISHED, one version. Both jobs go through the real job
+    server, the S3 settings in their runtime_env (Ray Train's controller, which writes to S3 too, gets only that)."""
+    import json
+    import sys
+    import urllib.request
+
+    import boto3
+
+    from conftest import REPO, moto_server, sets
+    from servers import client_env
+
+    ttl = 6
+    with moto_server("ckpt") as moto:
+        overrides = tiny_overrides(tmp_path, digits_dir, **{
+            "train.run_name": "fenced", "train.steps": 100000, "train.checkpoint_every": 4, "train.sample_every": 0,
+            "train.lease_ttl_s": ttl, "ray.storage_path": "s3://ckpt/runs"})
+        cfg = load_config(overrides=overrides)
+        client = MlflowClient(cfg.tracking.uri)
+        dashboard = os.environ["DCGAN_TEST_DASHBOARD"]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+        def submit(*more: str, wait: bool) -> subprocess.CompletedProcess:
+            runtime_env = json.dumps({"env_vars": client_env(moto.url)})
+            entry = ["--", sys.executable, str(REPO / "jobs" / "train.py"), *sets([*overrides, *more])]
+            return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard,
+                                   f"--runtime-env-json={runtime_env}", *([] if wait else ["--no-wait"]), *entry],
+                                  capture_output=True, text=True, env=env, timeout=300)
+
+        def written() -> tuple[list[str], list[int]]:
+            pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="ckpt", Prefix="runs/fenced/")
+            keys = sorted(o["Key"] for page in pages for o in page.get("Contents", []) if "checkpoint_" in o["Key"])
+            return keys, history(client, find_run(cfg, "fenced"), "loss_d")
+
+        def job(job_id: str) -> dict:
+            with urllib.request.urlopen(f"{dashboard}/api/jobs/{job_id}", timeout=10) as r:
+                return json.load(r)
+
+        first = submit(wait=False)
+        assert first.returncode == 0, first.stdout + first.stderr
+        first_id = re.search(r"Job '([^']+)' submitted successfully", first.stdout + first.stderr).group(1)
+        wait_for_logged_step(cfg, "fenced", 8, running=lambda: job(first_id)["status"] in ("PENDING", "RUNNING"))
+        assert job(first_id)["status"] == "RUNNING", job(first_id)
+        (driver,) = [pid for pid, argv in processes() if argv[1:2] == [str(REPO / "jobs" / "train.py")]
+                     and "train.run_name=fenced" in argv]  # the job's python, not the shell the job server ran
+        os.kill(driver, signal.SIGSTOP)
+        try:
+            # The lease lapses at most ttl after the freeze; rank 0 reads it every ttl/6 s and before each write.
+            time.sleep(ttl + 3)
+            fenced = written()
+            time.sleep(3)
+            assert written() == fenced, "the workers of a job that lost its lease went on writing"
+            steps = max(fenced[1]) + 8
+            second = submit(f"train.steps={steps}", wait=True)
+            assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+            assert "taking over the lease" in second.stdout + second.stderr
+        finally:
+            os.kill(driver, signal.SIGCONT)
+        deadline = time.time() + 120
+        while job(first_id)["status"] in ("PENDING", "RUNNING") and time.time() < deadline:
+            time.sleep(0.5)
+        info = job(first_id)
+        logs = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", dashboard,
+                               first_id], capture_output=True, text=True, env=env, timeout=60).stdout
+        assert info["status"] == "FAILED" and info.get("driver_exit_code") == EXIT_BUSY, (info, logs[-3000:])
+        assert re.search(r"error: run 'fenced': .* lease .*; this job stopped writing at step \d+$", logs.strip()), \
+            logs[-2000:]
+        run = client.get_run(find_run(cfg, "fenced"))
+        assert run.info.status == "FINISHED"
+        assert history(client, run.info.run_id, "loss_d") == list(range(2, steps + 1, 2))
+        assert len(client.search_model_versions(f"run_id = '{run.info.run_id}'")) == 1
+
+
+def test_a_full_storage_disk_ends_the_run_in_one_line_and_the_checkpoint_before_stays_whole(local_ray, tmp_path,
+                                                                                             digits_dir):
+    """ray.storage_path on a small tmpfs (a real filesystem of its own, root only) that fills up after the first
+    checkpoint: the job ends with one line naming the folder and the space, the checkpoint exit code, the MLflow
+    run FAILED, and the checkpoint before still loads."""
+    import shutil
+    import sys
+
+    from conftest import EXIT_CHECKPOINT, REPO, sets
+    from dcgan_dist import checkpoint
+
+    storage = tmp_path / "small"
+    storage.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(storage)], check=True)
+    try:
+        overrides = tiny_overrides(tmp_path, digits_dir, **{
+            "train.run_name": "full", "train.steps": 1000, "train.checkpoint_every": 50, "train.sample_every": 0,
+            "tracking.register": "false", "ray.storage_path": f"file://{storage}"})
+        job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *sets(overrides)], cwd=tmp_path,
+                               env={**os.environ, "RAY_ADDRESS": local_ray}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        try:
+            first = storage / "full" / "checkpoint_00000050"
+            # A worker copies its checkpoint to storage inside its report: once step 56 is logged, step 50's is whole.
+            wait_for_logged_step(load_config(overrides=overrides), "full", 56, running=lambda: job.poll() is None)
+            assert (first / "state.pt").exists(), "no first checkpoint"
+            (storage / "filler").write_bytes(b"\0" * (shutil.disk_usage(storage).free - (256 << 10)))
+            out, _ = job.communicate(timeout=180)
+        finally:
+            job.kill()
+        assert job.returncode == EXIT_CHECKPOINT, out[-4000:]
+        last = out.strip().splitlines()[-1]
+        assert re.fullmatch(rf"error: ray.storage_path file://{storage}: 0\.\d MiB free, the checkpoint of step 100 "
+                            r"needs \d+\.\d MiB: .*", last), out[-3000:]
+        cfg = load_config(overrides=overrides)
+        assert MlflowClient(cfg.tracking.uri).get_run(find_run(cfg, "full")).info.status == "FAILED"
+        assert checkpoint.load(str(first))["step"] == 50
+    finally:
+        subprocess.run(["umount", str(storage)], check=True)
+
+
 def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_end(local_ray, tmp_path, digits_dir):
     """`ray job stop` through the real job server, with Ray's default 3 s between SIGTERM and SIGKILL: the driver
     dies before any clean-up of its own. Its stop request must die with it: the same submit again resumes and trains
@@ -280,6 +411,7 @@ def test_a_resume_on_changed_data_is_refused_unless_asked_for(local_ray, tmp_pat
     import shutil
 
     from dcgan_dist.data import shards, sources
+    from dcgan_dist.data.loader import resolve_shards
     from dcgan_dist.errors import DataError
 
     data = tmp_path / "digits"
@@ -288,6 +420,7 @@ def test_a_resume_on_changed_data_is_refused_unless_asked_for(local_ray, tmp_pat
                                                    "ray.num_workers": 1, "tracking.register": "false",
                                                    "ray.max_failures": -1})
     train(load_config(overrides=overrides))
+    first = resolve_shards(str(data)).fingerprint
     shutil.rmtree(data)
     shards.build_shards(sources.Digits(), str(data), resolution=32, encoding="png", shard_size=300, progress=False)
     t0 = time.time()
@@ -299,3 +432,7 @@ def test_a_resume_on_changed_data_is_refused_unless_asked_for(local_ray, tmp_pat
     assert client.get_run(find_run(load_config(overrides=overrides), "changed")).info.status == "FAILED"
     out = train(load_config(overrides=[*overrides, "train.steps=8", "data.allow_changed=true"]))
     assert out.step == 8 and out.metrics["start_step"] == 5
+    # Lineage: both datasets are the run's inputs in MLflow, each named by its manifest's digest.
+    inputs = client.get_run(out.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.digest for i in inputs) == sorted([first[:32], resolve_shards(str(data)).fingerprint[:32]])
+    assert all(json.loads(i.dataset.source)["uri"] == str(data) and i.dataset.source_type == "local" for i in inputs)

@@ -6,11 +6,12 @@ grids into it (`run_logger.py`). Searches, evaluations and experiments create th
 
 from __future__ import annotations
 
+import json
 import time
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
 
@@ -78,6 +79,20 @@ def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None) -> t
     run_id = create_run(cfg, run_name, tags, cfg.flat())
     client.log_text(run_id, redact(cfg.to_yaml()), "config.yaml")
     return run_id, False
+
+
+def log_dataset(cfg: Config, run_id: str, shard_set) -> None:
+    """The run's training data as its MLflow input dataset (lineage, shown on the run's page): data.url, the
+    manifest's digest, its size. A resume on changed data (data.allow_changed) adds the new one beside it."""
+    manifest = shard_set.manifest or {}
+    profile = {"shards": len(shard_set.urls), "images": sum(s["count"] for s in manifest.get("shards", [])),
+               "resolution": shard_set.resolution, "channels": shard_set.channels}
+    url = cfg.data.url
+    dataset = Dataset(name=url.rstrip("/").rsplit("/", 1)[-1] or url, digest=shard_set.fingerprint[:32],
+                      source_type="s3" if url.startswith("s3://") else "local", source=json.dumps({"uri": url}),
+                      profile=json.dumps(profile))
+    MlflowClient(cfg.tracking.uri).log_inputs(
+        run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
 
 
 def tag_run(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
