@@ -167,13 +167,14 @@ def test_prepare_data_digits_folder_and_cifar10(tmp_path):
 def test_tune_and_evaluate_reject_bad_input_in_one_line(tmp_path):
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cases = [
-        (["tune.py", "--set", "tune.metric=fid"], "tune.metric: fid needs metrics.inception_weights"),
-        (["evaluate.py", "--model", "dcgan-generator"], "expected models:/NAME@ALIAS or models:/NAME/VERSION"),
+        (["tune.py", "--set", "tune.metric=fid"], "tune.metric: fid needs metrics.inception_weights", EXIT_CONFIG),
+        (["evaluate.py", "--model", "dcgan-generator"], "expected models:/NAME@ALIAS or models:/NAME/VERSION",
+         EXIT_CONFIG),
         (["evaluate.py", "--model", "models:/nope/3", "--set", f"tracking.uri={db}"],
-         "models:/nope/3: no such registered model version"),
+         "models:/nope/3: no such registered model version", EXIT_TRACKING),
     ]
-    for argv, needle in cases:
-        assert_one_line_error(run_job(*argv, cwd=tmp_path), needle)
+    for argv, needle, code in cases:
+        assert_one_line_error(run_job(*argv, cwd=tmp_path), needle, code)
 
 
 def test_evaluate_job_scores_the_champion_on_other_data(digits_model, digits_dir, tmp_path):

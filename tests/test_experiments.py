@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from PIL import Image
 
-from conftest import experiments_job, job_subprocess, run_experiment
+from conftest import EXIT_TRACKING, experiments_job, job_subprocess, run_experiment
 from dcgan_dist import tracking
 from dcgan_dist.errors import ConfigError, TrackingError
 from dcgan_dist.experiments import latent_walk, vector_arithmetic
@@ -125,11 +125,11 @@ def test_bad_arguments_give_one_line_errors(digits_model, tmp_path):
     tracking_uri, model_uri = digits_model
     client = MlflowClient(tracking_uri)
     before = {run.info.run_id for run in all_runs(tracking_uri, ViewType.ALL)}
-    # The command-line contract itself, in a fresh interpreter (the only subprocess of these tests): exit code 2
-    # and one line on stderr, no traceback.
+    # The command-line contract itself, in a fresh interpreter (the only subprocess of these tests): the tracking
+    # exit code and one line on stderr, no traceback.
     r = job_subprocess("experiments.py", "latent-walk", "--model", "models:/no-such-model/1", "--out",
                        str(tmp_path / "x"), "--set", f"tracking.uri={tracking_uri}", cwd=tmp_path)
-    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.returncode == EXIT_TRACKING, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [r.stderr.strip().splitlines()[-1]], r.stderr[-2000:]  # one error line, the last one
     assert errors[0].startswith("error: models:/no-such-model/1: no such registered model version in sqlite:///")
