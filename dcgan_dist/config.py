@@ -186,6 +186,8 @@ class TrackingConfig:
     model_name: str = doc("registered model name for the trained generator", "dcgan-generator",
                           matches(RUN_NAME, NAME_RULE))
     register: bool = doc("log and register the generator at the end of training", True)
+    system_metrics: bool = doc("log each node's CPU, memory, disk, network and GPU use as MLflow system metrics "
+                               "(system/<node address>/...; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, 10 s)", True)
 
 
 @dataclass

@@ -292,9 +292,12 @@ def run_loop(loop_config: dict) -> None:
     if resumed:
         resumed = check_same_data(resumed, data, cfg)
     batches = make_data(cfg, shards, rank, world, start, resumed)
-    logger = None
-    if rank == 0:  # the only rank that talks to MLflow, from whichever node it landed on
-        uri = tracking.as_seen_from(cfg.tracking.uri, loop_config["driver_ip"], ray.util.get_node_ip_address())
+    logger, system = None, None
+    node = ray.util.get_node_ip_address()
+    uri = tracking.as_seen_from(cfg.tracking.uri, loop_config["driver_ip"], node)
+    if cfg.tracking.system_metrics and ctx.get_local_rank() == 0:  # one per node
+        system = tracking.SystemWatch(uri, loop_config["mlflow_run_id"], node)
+    if rank == 0:  # the only rank that logs training to MLflow, from whichever node it landed on
         logger = tracking.RunLogger(uri, loop_config["mlflow_run_id"], skip_logged=True)
         if own:  # a predecessor's undelivered metrics (a donor's belong to another run)
             logger.resend(tracking.read_held(own))
@@ -398,3 +401,5 @@ def run_loop(loop_config: dict) -> None:
         key_log.close()
     if logger:
         logger.close()  # waits (bounded) for metrics held while MLflow was unreachable
+    if system:
+        system.finish()

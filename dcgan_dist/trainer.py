@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Credentials are deliberately absent: workers get theirs from the standard AWS chain on their node.
 WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
               "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-WORKER_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_")
+WORKER_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "MLFLOW_SYSTEM_METRICS_")
 
 
 def worker_env() -> dict[str, str]:

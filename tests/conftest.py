@@ -33,6 +33,8 @@ for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
 # Ray Train's controller collects reports (and registers checkpoints) at this interval, 2 s by default; tiny test
 # runs report every few steps, so most of their wall time would be this wait.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# MLflow's system metrics every second (10 s by default): tiny runs last seconds.
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 # The exit codes a user's script reads (docs/troubleshooting.md), by failure class; 2 is also argparse's own.

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import ray
 import torch
 from mlflow import MlflowClient
 
@@ -54,6 +55,10 @@ def test_two_worker_run_with_the_fast_options_tracks_registers_the_best_checkpoi
     for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "allreduce_ms"):
         assert history(client, out.run_id, key) == [2, 4, 6, 8], key
     assert run.data.metrics["images_per_s"] > 0 and run.data.metrics["data_skipped"] == 0
+    # MLflow's system metrics, one monitor per node (one node here), named by its address.
+    node = ray.util.get_node_ip_address()
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "disk_usage_percentage"):
+        assert f"system/{node}/{name}" in run.data.metrics, [k for k in run.data.metrics if k.startswith("system")]
     # allreduce time per step, measured by the comm hook on every rank: buckets from G and D (at least one
     # each), and inside the step's time
     assert out.metrics["allreduce_buckets"] >= 2

@@ -7,6 +7,7 @@ grids into it (`run_logger.py`). Searches, evaluations and experiments create th
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import mlflow
@@ -19,6 +20,7 @@ from dcgan_dist.config import Config
 from dcgan_dist.errors import TrackingError
 from dcgan_dist.tracking.uris import artifact_location, redact
 
+log = logging.getLogger(__name__)
 RUN_NAME_TAG = "dcgan.run_name"
 
 
@@ -93,6 +95,27 @@ def log_dataset(cfg: Config, run_id: str, shard_set) -> None:
                       profile=json.dumps(profile))
     MlflowClient(cfg.tracking.uri).log_inputs(
         run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+
+
+class SystemWatch:
+    """MLflow's own system-metrics monitor for this node, started: one per node, named by its address, so the run's
+    page shows every node's CPU, memory, disk, network and GPU side by side. `finish` also takes a last sample
+    (MLflow's monitor drops the one in progress, so a run shorter than its interval would log none)."""
+
+    def __init__(self, uri: str, run_id: str, node: str):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, node_id=node, tracking_uri=uri, resume_logging=True)
+        self.monitor.start()
+
+    def finish(self) -> None:
+        self.monitor.finish()
+        try:
+            self.monitor.collect_metrics()
+            self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+            self.monitor.mlflow_logger.flush()
+        except Exception as e:  # noqa: BLE001 - the server gone at the end: a lost sample, not a failed run
+            log.warning("system metrics: the last sample was not logged (%s)", str(e).splitlines()[0][:200])
 
 
 def tag_run(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
