@@ -139,6 +139,7 @@ def evaluate_registered(cfg: Config, model_uri: str, data_url: str | None = None
     run_id = tracking.create_run(cfg, f"evaluate-{mv.name}-v{mv.version}",
                                  {"dcgan.evaluates": f"models:/{mv.name}/{mv.version}"},
                                  {**{f"protocol.{k}": v for k, v in keys.items()}, "data.url": cfg.data.url})
+    tracking.log_dataset(cfg, run_id, resolve_shards(cfg.data.url))
     tracking.log_values(cfg, run_id, values, step=int(mv.tags.get("step", 0)))
     tracking.end_run(cfg, run_id)
     return EvalOutcome(str(mv.version), mv.tags.get("step", "?"), cfg.data.url, values, protocols, run_id)

@@ -199,6 +199,11 @@ def test_evaluate_job_scores_the_champion_on_other_data(digits_model, digits_dir
     protocol = Protocol.from_key(mv.tags["protocol.swd"])
     assert protocol.data == resolve_shards(str(other)).fingerprint != resolve_shards(str(digits_dir)).fingerprint
     assert protocol.num_fake == 64 and float(mv.tags["metric.swd"]) > 0
+    # The evaluation run's input dataset is the data it was scored on (lineage), named by its manifest's digest.
+    run = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id],
+                             f"tags.`dcgan.evaluates` = 'models:/dcgan-generator/{mv.version}'")[0]
+    (data,) = [i.dataset for i in run.inputs.dataset_inputs]
+    assert data.digest == resolve_shards(str(other)).fingerprint[:32] and str(other) in data.source
 
 
 def dcgan_step_gflops(resolution: int, width: int = 64, nc: int = 3, nz: int = 100, k: int = 4) -> float:
