@@ -1,4 +1,5 @@
 import getpass
+from pathlib import Path
 
 from mlflow import MlflowClient
 
@@ -127,9 +128,9 @@ def test_held_metrics_travel_in_a_checkpoint_and_are_delivered_once(tmp_path):
 
 
 def test_a_grid_reaches_the_run_once_across_restarts_and_an_item_the_server_refuses_is_dropped(tmp_path):
-    """A restarted rank 0 redoing a step does not upload its grid again (by file or in the image view); a tag the
-    server refuses for good (an invalid name) is dropped after a few tries with a count, and the
-    metrics queued behind it still arrive."""
+    """A restarted rank 0 redoing a step does not upload its grid again (by file or in the image view); a grid
+    whose upload always fails and a tag the store refuses are dropped after a few tries with a count, and the
+    metrics queued behind them still arrive."""
     import torch
 
     from dcgan_dist import tracking
@@ -148,11 +149,18 @@ def test_a_grid_reaches_the_run_once_across_restarts_and_an_item_the_server_refu
     shown = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     assert len(shown) == 1, shown
 
+    # A grid whose upload always fails (here the store's image folder is a file, so every write of it fails,
+    # root or not) and a tag the store refuses (an invalid name), while the server answers everything else.
+    run_id, _ = start_run(cfg, "refused")
+    folder = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").write_text("not a folder")
     logger = tracking.RunLogger(uri, run_id, retry_s=0.05)
-    logger.set_tags({"not a valid name!": "x"})  # refused by the store every time
+    logger.log_grid(8, images)
+    logger.set_tags({"not a valid name!": "x"})
     logger.add(2, {"loss_d": 0.5})
     logger.flush()
     assert logger.close() == 0
-    assert logger.dropped_items == 1 and run_logger.ITEM_TRIES > 1
-    assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == [2]
+    assert logger.dropped_items == 2 and run_logger.ITEM_TRIES > 1
+    assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == [2]  # not held back by them
     assert "not a valid name!" not in client.get_run(run_id).data.tags
