@@ -1,5 +1,5 @@
 """The bed's hosts as machines for `ray up` over SSH: each runs a real OpenSSH server and has what an on-premises
-machine has before the launcher first logs in (docs/cluster.md "Running on your own machines"): Python with Ray and the
+machine has before the launcher first logs in (docs/own-machines.md): Python with Ray and the
 project's dependencies, S3 settings, and the laptop's public key in root's authorized_keys.
 
 The hosts share one filesystem and one process table. What makes them separate machines to the launcher:
