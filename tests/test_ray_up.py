@@ -1,6 +1,5 @@
 """`ray up` for real: Ray's cluster launcher logs in over SSH to the bed's hosts (bed_ssh.py: a real OpenSSH server
-on each, a home and a PID namespace of its own) with cluster/onprem.yaml, filled in as docs/cluster.md "Running on
-your own machines" says, and runs its file mounts (rsync), setup commands and start commands. The test process is the
+on each, a home and a PID namespace of its own) with cluster/onprem.yaml, filled in as docs/own-machines.md says, and runs its file mounts (rsync), setup commands and start commands. The test process is the
 laptop: `ray up`, `ray dashboard` (the SSH tunnel), `ray job submit` through it with the token, `ray exec`, `ray down`.
 
     services   moto's S3 (the data, checkpoints, MLflow's artifacts); not a Ray node
@@ -53,7 +52,7 @@ class Laptop:
         self.yaml = self.home / "onprem.yaml"
 
     def fill_in(self, head: netbed.Host, workers: list[netbed.Host]) -> None:
-        """cluster/onprem.yaml with every FILL_ME set, as docs/cluster.md tells a user to."""
+        """cluster/onprem.yaml with every FILL_ME set, as docs/own-machines.md tells a user to."""
         spec = yaml.safe_load((REPO / "cluster" / "onprem.yaml").read_text())
         spec["cluster_name"] = f"dcgan-{head.bed.prefix}"  # the launcher keeps state per name in the laptop's /tmp
         spec["provider"].update(head_ip=head.ip, worker_ips=[w.ip for w in workers])
@@ -65,12 +64,12 @@ class Laptop:
     def env(self) -> dict:
         return {"HOME": str(self.home), "TMPDIR": str(self.home / "tmp"), "PATH": f"{BIN}:/usr/bin:/bin",
                 "RAY_AUTH_MODE": "token", "LANG": "C.UTF-8",
-                # docs/cluster.md: Ray 2.60's autoscaler v2 counts the head in the one on-premises node type's minimum, and
+                # docs/own-machines.md: Ray 2.60's autoscaler v2 counts the head in the one on-premises node type's minimum, and
                 # so starts one machine fewer than worker_ips lists; the v1 autoscaler starts them all.
                 "RAY_UP_enable_autoscaler_v2": "0"}
 
     def ray(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """A `ray` command from the repository root, as docs/cluster.md's user types it."""
+        """A `ray` command from the repository root, as docs/own-machines.md's user types it."""
         return subprocess.run([str(BIN / "ray"), *args], cwd=REPO, env=self.env(), capture_output=True, text=True,
                               timeout=timeout)
 
@@ -162,7 +161,7 @@ def test_ray_up_starts_a_cluster_whose_two_workers_train_a_job_submitted_through
                       if f"rank {r} of 2" in log.read_text(errors="replace")} for w in workers}
     assert sorted(r for found in ranks.values() for r in found) == [0, 1] and all(ranks.values()), ranks
 
-    # MLflow, read on the head with `ray exec` as docs/cluster.md says: the run finished, every step once, a version.
+    # MLflow, read on the head with `ray exec` as docs/own-machines.md says: the run finished, every step once, a version.
     check = ("import json, mlflow; c = mlflow.MlflowClient('http://127.0.0.1:5000'); "
              "e = c.get_experiment_by_name('dcgan'); "
              f"r = c.search_runs([e.experiment_id], \"tags.`dcgan.run_name` = '{RUN}'\")[0]; "
