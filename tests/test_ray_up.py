@@ -1,6 +1,7 @@
 """`ray up` for real: Ray's cluster launcher logs in over SSH to the bed's hosts (bed_ssh.py: a real OpenSSH server
-on each, a home and a PID namespace of its own) with cluster/onprem.yaml, filled in as docs/own-machines.md says, and runs its file mounts (rsync), setup commands and start commands. The test process is the
-laptop: `ray up`, `ray dashboard` (the SSH tunnel), `ray job submit` through it with the token, `ray exec`, `ray down`.
+on each, a home and a PID namespace of its own) with cluster/onprem.yaml, filled in as docs/own-machines.md says,
+and runs its file mounts (rsync), setup commands and start commands. The test process is the laptop: `ray up`,
+`ray dashboard` (the SSH tunnel), `ray job submit` through it with the token, `ray exec`, `ray down`.
 
     services   moto's S3 (the data, checkpoints, MLflow's artifacts); not a Ray node
     head       Ray's head and MLflow, both started by the YAML's head commands
@@ -64,8 +65,8 @@ class Laptop:
     def env(self) -> dict:
         return {"HOME": str(self.home), "TMPDIR": str(self.home / "tmp"), "PATH": f"{BIN}:/usr/bin:/bin",
                 "RAY_AUTH_MODE": "token", "LANG": "C.UTF-8",
-                # docs/own-machines.md: Ray 2.60's autoscaler v2 counts the head in the one on-premises node type's minimum, and
-                # so starts one machine fewer than worker_ips lists; the v1 autoscaler starts them all.
+                # docs/own-machines.md: Ray 2.60's autoscaler v2 counts the head in the one on-premises node
+                # type's minimum, and so starts one machine fewer than worker_ips lists; the v1 autoscaler starts them all.
                 "RAY_UP_enable_autoscaler_v2": "0"}
 
     def ray(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
