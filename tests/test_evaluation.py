@@ -14,7 +14,6 @@ from dcgan_dist import champion, evaluation, tracking
 from dcgan_dist.config import load_config
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import read_sample, resolve_shards
-from dcgan_dist.metrics.inception import TorchExtractor
 from dcgan_dist.metrics.evaluator import Evaluator, Protocol
 from dcgan_dist.trainer import prepare_inputs
 
@@ -35,11 +34,23 @@ class BankGenerator(nn.Module):
         return (self.bank.index_select(0, idx) + 1) * self.scale - 1
 
 
-def standin_extractor() -> TorchExtractor:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return TorchExtractor(net, name="standin", sha256="5" * 64, dim=16, input_size=32)
+class StandinExtractor:
+    """A small random network in the Inception's place: uint8 (N, C, 32, 32) images -> (N, 16) features."""
+
+    name, sha256 = "standin", "5" * 64
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def __call__(self, images: torch.Tensor):
+        with torch.no_grad():
+            return self.net(images.float().expand(-1, 3, -1, -1) / 127.5 - 1).double().numpy()
+
+
+def standin_extractor() -> StandinExtractor:
+    return StandinExtractor()
 
 
 @pytest.fixture

@@ -3,29 +3,32 @@ plain NumPy references and the behaviour each metric exists for. No Ray, no MLfl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
+import torch_fidelity
 from sklearn.datasets import load_digits
 from torch import nn
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torchvision.io import write_png
 from torchvision.transforms.functional import gaussian_blur
 
+from dcgan_dist.config import MetricsConfig
 from dcgan_dist.errors import ConfigError
 from dcgan_dist.metrics import fid
-from dcgan_dist.metrics.inception import (
-    STANDARD_SHA256_PREFIX,
-    TorchExtractor,
-    fid_inception_v3,
-    load_inception,
-)
+from dcgan_dist.metrics.evaluator import Evaluator
+from dcgan_dist.metrics.inception import STANDARD_SHA256_PREFIX, load_inception, random_inception_state
+from dcgan_dist.metrics.registry import METRICS
 from dcgan_dist.metrics.swd import laplacian_pyramid, swd
 
 # --- data: real digits, 1-channel 32x32 and tinted 3-channel 64x64 ---
@@ -193,35 +196,19 @@ def test_feature_stats_from_samples_approach_closed_form():
     assert fid.frechet_distance(*fid.feature_stats(x), *fid.feature_stats(y)) == pytest.approx(exact, rel=0.03)
 
 
-# --- FID through a stand-in extractor ---
+# --- FID through a stand-in feature network ---
 
-def _standin() -> TorchExtractor:
+def _standin_features(images: torch.Tensor) -> np.ndarray:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.Tanh(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return TorchExtractor(net, name="standin", sha256="0" * 64, dim=16, input_size=32, batch_size=100)
-
-
-def test_torch_extractor_preprocessing_and_batches():
-    ext = _standin()
-    gray, rgb = _halves("gray32")[0][:10], _halves("rgb64")[0][:10]
-    feats = ext(gray)
-    assert feats.dtype == np.float64 and feats.shape == (10, 16)
     with torch.no_grad():
-        want_gray = ext.net(gray.float().repeat(1, 3, 1, 1) / 127.5 - 1)
-        want_rgb = ext.net(F.interpolate(rgb.float() / 127.5 - 1, size=32, mode="bilinear", align_corners=False))
-    np.testing.assert_allclose(feats, want_gray.double().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ext(rgb), want_rgb.double().numpy(), rtol=1e-4, atol=1e-5)
-    ext.batch_size = 3
-    np.testing.assert_allclose(ext(gray), feats, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="uint8"):
-        ext(gray.float())
+        return net(images.float().expand(-1, 3, -1, -1) / 127.5 - 1).double().numpy()
 
 
-def test_fid_with_standin_extractor_matches_numpy_reference():
-    ext = _standin()
+def test_fid_with_standin_features_matches_numpy_reference():
     a, b = _halves("gray32")
-    fa, fb, fn = ext(a), ext(b), ext(_noise(b, 24))
+    fa, fb, fn = _standin_features(a), _standin_features(b), _standin_features(_noise(b, 24))
     got = fid.frechet_distance(*fid.feature_stats(fa), *fid.feature_stats(fb))
     ref = _frechet_reference(np.mean(fa, 0), np.cov(fa, rowvar=False), np.mean(fb, 0), np.cov(fb, rowvar=False))
     assert got == pytest.approx(ref, rel=1e-6)
@@ -258,25 +245,72 @@ def test_kid_seeded_and_both_paths_agree(monkeypatch):
     assert fid.kid(x, y, num_subsets=10, max_subset_size=100, seed=3) == pytest.approx(a, rel=1e-9)
 
 
-# --- the Inception weights file ---
+# --- torch-fidelity's Inception from a weights file ---
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A randomly initialised FID Inception-v3 saved like the official file (not its weights)."""
+    """torch-fidelity's Inception-v3 at a seeded random initialisation, saved like the official file (not its weights)."""
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.manual_seed(0)
-    torch.save(fid_inception_v3().state_dict(), path)
+    torch.save(random_inception_state(seed=0), path)
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_load_inception_runs_with_its_checksum(weights):
+def test_inception_features_gray_as_rgb_and_batches(weights):
     path, sha = weights
-    ext = load_inception(str(path), sha)
-    assert (ext.name, ext.sha256, ext.dim) == ("inception-v3-fid", sha, 2048)
-    images = _halves("gray32")[0][:2]
-    feats = ext(images)
+    ext = load_inception(str(path), sha, batch_size=2)
+    assert ext.sha256 == sha and ext.dim == 2048
+    gray = _halves("gray32")[0][:2]
+    feats = ext(gray)
     assert feats.dtype == np.float64 and feats.shape == (2, 2048) and np.isfinite(feats).all()
-    assert not np.allclose(feats[0], feats[1])
+    assert feats.std() > 0.1 and not np.allclose(feats[0], feats[1])  # features that neither vanish nor coincide
+    ext.batch_size = 1  # grayscale is its RGB copy, in batches of any size
+    np.testing.assert_allclose(ext(gray.repeat(1, 3, 1, 1)), feats, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        ext(gray.float())
+
+
+def test_fid_and_kid_agree_with_torch_fidelity_on_the_same_images(weights, tmp_path):
+    """Our numbers (this extractor, our formulas) against torch-fidelity's whole pipeline, fed PNG folders of the
+    same grayscale images (its own PIL loading makes them RGB). KID subsets as large as the sets are the full-sample
+    estimate, so the two programs' different subset draws do not matter."""
+    path, sha = weights
+    n = 6  # the time goes to 4 x 6 Inception passes at 299x299 and to functions of 2048 x 2048 matrices
+    a, b = _halves("gray32")
+    real, fake = a[:n], 255 - b[:n]  # digits against inverted digits
+    for name, images in (("real", real), ("fake", fake)):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            write_png(image, str(tmp_path / name / f"{i:03d}.png"))
+    ext = load_inception(str(path), sha, batch_size=n)
+    fr, ff = ext(real), ext(fake)
+    ours = {**METRICS["fid"].compute(fr, ff, 0), **METRICS["kid"].compute(fr, ff, 0)}
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(tmp_path / "real"), input2=str(tmp_path / "fake"), fid=True, kid=True,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(path),
+        kid_subset_size=n, batch_size=n, cuda=False, cache=False, save_cpu_ram=True, verbose=False)
+    print(f"fid ours {ours['fid']!r} torch-fidelity {theirs['frechet_inception_distance']!r}; "
+          f"kid ours {ours['kid']!r} torch-fidelity {theirs['kernel_inception_distance_mean']!r}")
+    assert ours["fid"] > 10 and ours["kid"] > 0.01
+    # The same features: torch-fidelity's own formula on ours gives its number.
+    stats = [fid_features_to_statistics(torch.from_numpy(f).float()) for f in (fr, ff)]
+    assert fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"] == pytest.approx(
+        theirs["frechet_inception_distance"], rel=1e-9)
+    # n < 2048 makes both covariances singular, where our (pytorch-fid's) formula adds 1e-6 to their diagonals
+    # and torch-fidelity's does not: 2e-4 apart here; KID's kernels are float32 there, float64 here.
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
+    assert ours["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-5)
+
+
+def test_protocol_names_torch_fidelity(weights, tmp_path):
+    """A new extractor is a new protocol: champions measured with the pytorch-fid port are re-measured."""
+    path, sha = weights
+    mc = MetricsConfig(inception_weights=str(path), inception_sha256=sha, cache_dir=str(tmp_path))
+    ev = Evaluator(mc, SimpleNamespace(fingerprint="d" * 64), channels=1, resolution=32, load_real=False)
+    ev.real_images = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    p = ev.protocol("fid", 4)
+    assert p.extractor == f"torch-fidelity-{torch_fidelity.__version__}-inception-v3-compat:{sha}"
+    assert p.key != dataclasses.replace(p, extractor=f"inception-v3-fid:{sha}").key  # the port's protocol
+    assert ev.protocol("swd", 4).extractor == ""
 
 
 def test_load_inception_rejects_wrong_files(weights, tmp_path):
@@ -306,6 +340,10 @@ def test_load_inception_rejects_wrong_files(weights, tmp_path):
     torch.save({"fc.weight": torch.zeros(1008, 2048), "extra": torch.zeros(1)}, tmp_path / "partial.pth")
     with pytest.raises(ConfigError, match=r"\d{3} missing .* 1 unexpected") as e:
         load_inception(*saved("partial2.pth", (tmp_path / "partial.pth").read_bytes()))
+    assert "\n" not in str(e.value)
+    torch.save({**torch.load(path), "fc.weight": torch.zeros(10, 2048)}, tmp_path / "shape.pth")
+    with pytest.raises(ConfigError, match="does not fit torch-fidelity's Inception-v3 .*fc.weight") as e:
+        load_inception(*saved("shape2.pth", (tmp_path / "shape.pth").read_bytes()))
     assert "\n" not in str(e.value)
 
 
