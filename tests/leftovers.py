@@ -24,16 +24,21 @@ def mark_session() -> tuple[str, set[str]]:
 
 
 def marked_processes(marker: str) -> dict[int, str]:
-    """{pid: command line} of the live processes (not zombies) carrying `marker`, this one excepted."""
+    """{pid: command line} of the live processes (not zombies) carrying `marker`, this one excepted, and its own
+    multiprocessing resource tracker (which ends with it, by design)."""
     found, needle = {}, f"{MARKER}={marker}".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile, or a zombie
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or a zombie
             continue
+        if not (parent == os.getpid() and "multiprocessing.resource_tracker" in cmd):
+            found[int(entry.name)] = cmd
     return found
 
 

@@ -122,6 +122,20 @@ def wait_for_logged_step(cfg, run_name: str, step: int, running=lambda: True, ti
         time.sleep(0.2)
 
 
+def ray_job(*argv: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`ray job ARGV`. The job server answers "No available agent to submit job, please try again later" while its
+    node's agent is not (yet) registered: tried again, as it says, for up to a minute (no job was made)."""
+    import sys
+
+    deadline = time.time() + 60
+    while True:
+        r = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", *argv], capture_output=True, text=True,
+                           env=env, timeout=timeout)
+        if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr or time.time() > deadline:
+            return r
+        time.sleep(2)
+
+
 def processes() -> list[tuple[int, list[str]]]:
     """(pid, argv) of the machine's processes."""
     found = []
@@ -261,9 +275,8 @@ def test_a_job_whose_driver_froze_past_its_lease_stops_writing_and_the_next_job_
         def submit(*more: str, wait: bool) -> subprocess.CompletedProcess:
             runtime_env = json.dumps({"env_vars": client_env(moto.url)})
             entry = ["--", sys.executable, str(REPO / "jobs" / "train.py"), *sets([*overrides, *more])]
-            return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", dashboard,
-                                   f"--runtime-env-json={runtime_env}", *([] if wait else ["--no-wait"]), *entry],
-                                  capture_output=True, text=True, env=env, timeout=300)
+            return ray_job("submit", "--address", dashboard, f"--runtime-env-json={runtime_env}",
+                           *([] if wait else ["--no-wait"]), *entry, env=env)
 
         def written() -> tuple[list[str], list[int]]:
             pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="ckpt", Prefix="runs/fenced/")
@@ -370,8 +383,7 @@ def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
     t0 = time.time()
-    first = subprocess.run([*ray_cli, "submit", *address, "--no-wait", *entry], capture_output=True, text=True,
-                           env=env, timeout=120)
+    first = ray_job("submit", *address, "--no-wait", *entry, env=env, timeout=120)
     assert first.returncode == 0, first.stdout + first.stderr
     job_id = re.search(r"Job '([^']+)' submitted successfully", first.stdout + first.stderr).group(1)
     wait_for_logged_step(cfg, "jobstop", 6)
@@ -382,8 +394,7 @@ def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_
     assert stopped_at < steps, "the first job had finished before it was stopped"
     print(f"the first job was stopped at step {stopped_at} of {steps} after {time.time() - t0:.0f} s")
 
-    again = subprocess.run([*ray_cli, "submit", *address, *entry], capture_output=True, text=True, env=env,
-                           timeout=300)
+    again = ray_job("submit", *address, *entry, env=env)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-6000:]
     assert f"finished at step {steps}" in out, out[-6000:]

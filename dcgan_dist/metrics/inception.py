@@ -64,19 +64,24 @@ class _Unweighted(FeatureExtractorInceptionV3):
         return None
 
 
-def _network(weights: io.BytesIO, cls=FeatureExtractorInceptionV3) -> FeatureExtractorInceptionV3:
-    return cls(EXTRACTOR, [LAYER], feature_extractor_weights_path=weights)
+def _network(state: dict[str, torch.Tensor] | None = None) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's network with `state` (read by us with weights_only=True) loaded into it. Its own loader
+    unpickles with weights_only=False, so it never sees the user's file: it is handed an empty dict of ours."""
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    net = _Unweighted(EXTRACTOR, [LAYER], feature_extractor_weights_path=empty)
+    if state is not None:
+        torch.nn.Module.load_state_dict(net, state)
+    return net
 
 
 def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """A randomly initialised state dict of the network: the keys a weights file must have, and tests' stand-in
     (He-initialised convolutions, so that its features do not vanish with depth as with PyTorch's default)."""
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = _network(empty, _Unweighted)
+        net = _network()
         for m in net.modules():
             if isinstance(m, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -133,8 +138,7 @@ def load_inception(uri: str, sha256: str = "", device="cpu", batch_size: int = 6
         raise _fail(uri, f"keys do not match torch-fidelity's Inception-v3: {len(missing)} missing "
                          f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     try:
-        # torch-fidelity loads with weights_only=False: these are the bytes weights_only=True accepted above.
-        net = _network(io.BytesIO(data))
+        net = _network(state)
     except RuntimeError as e:  # shape mismatches
         raise _fail(uri, f"does not fit torch-fidelity's Inception-v3 ({_first_line(e, last=True)})") from e
     log.info("metrics: loaded %s from %s (sha256 %s)", NAME, uri, actual[:12])
