@@ -188,7 +188,8 @@ def test_a_worker_unreachable_over_ssh_is_named_in_the_launchers_log_and_the_res
 def autoscaler_lines_since(head: netbed.Host, since: datetime) -> tuple[int, list[str]]:
     """The head autoscaler's rounds that began after `since` (one status table per round, in monitor.log) and its
     log lines since then (monitor.out/.err: where it says it starts updating a node)."""
-    logs = head.tmp / "ray" / "session_latest" / "logs"
+    # The newest session's folder: session_latest is a link to /tmp/ray/... as the head sees its own /tmp.
+    logs = max((head.tmp / "ray").glob("session_2*")) / "logs"
     rounds = [datetime.fromisoformat(t) for t in
               re.findall(r"Autoscaler status: (\S+ \S+) =", (logs / "monitor.log").read_text(errors="replace"))]
     lines = [line for f in ("monitor.out", "monitor.err")
