@@ -322,6 +322,12 @@ def resumed_after(proc, before: int, registered: int, timeout: float = 180) -> i
     return done[-1]
 
 
+def before_a_fault(cluster: BedCluster, run_name: str, proc) -> tuple[int, int]:
+    """Where the run stands when a fault is about to hit: the step of a checkpoint Ray holds past the newest one
+    now (the group has trained since the last fault), and how many restarts the job has printed so far."""
+    return registered_past(cluster, run_name, newest(cluster, run_name)), len(resumes(proc.log.read_text()))
+
+
 def refused_without_the_token(cluster: BedCluster) -> None:
     """The dashboard's job API and `ray job submit` refuse a laptop without the token, or with a wrong one."""
     probe = ["python", "-c", "print('ran')"]
@@ -388,8 +394,7 @@ def test_one_long_run_meets_every_fault_in_turn_and_ends_with_every_step_once(cl
     # (2) MLflow down; training goes on without it; rank 1 SIGKILLed meanwhile: the group restarts from a checkpoint
     cluster.kill_mlflow()
     down_at = time.time()
-    registered = registered_past(cluster, name, newest(cluster, name))
-    restarts = len(resumes(proc.log.read_text()))
+    registered, restarts = before_a_fault(cluster, name, proc)
     rank1 = wait_for(lambda: [(h, p) for h in cluster.workers for p in cluster.train_worker_pids(h, 1)], 30,
                      "the rank-1 train worker")
     assert len(rank1) == 1, rank1
@@ -400,8 +405,7 @@ def test_one_long_run_meets_every_fault_in_turn_and_ends_with_every_step_once(cl
     cluster.start_mlflow()
 
     # (3) a worker host killed while it holds a training worker, back 10 s later
-    registered = registered_past(cluster, name, newest(cluster, name))
-    restarts = len(resumes(proc.log.read_text()))
+    registered, restarts = before_a_fault(cluster, name, proc)
     victim = cluster.workers[1]
     killed_rank = held_a_worker(cluster, victim)
     victim.kill()
@@ -411,8 +415,7 @@ def test_one_long_run_meets_every_fault_in_turn_and_ends_with_every_step_once(cl
     cluster.wait_for_workers(2)
 
     # (4) a worker host's link cut for 20 s: the group rides it out or restarts from a checkpoint, in bounded time
-    registered = registered_past(cluster, name, newest(cluster, name))
-    restarts = len(resumes(proc.log.read_text()))
+    registered, restarts = before_a_fault(cluster, name, proc)
     victim = cluster.workers[0]
     cut_rank = held_a_worker(cluster, victim)
     victim.cut()

@@ -341,7 +341,7 @@ def test_load_inception_rejects_wrong_files(weights, tmp_path):
     with pytest.raises(ConfigError, match=r"\d{3} missing .* 1 unexpected") as e:
         load_inception(*saved("partial2.pth", (tmp_path / "partial.pth").read_bytes()))
     assert "\n" not in str(e.value)
-    torch.save({**torch.load(path), "fc.weight": torch.zeros(10, 2048)}, tmp_path / "shape.pth")
+    torch.save({**torch.load(path, weights_only=True), "fc.weight": torch.zeros(10, 2048)}, tmp_path / "shape.pth")
     with pytest.raises(ConfigError, match="does not fit torch-fidelity's Inception-v3 .*fc.weight") as e:
         load_inception(*saved("shape2.pth", (tmp_path / "shape.pth").read_bytes()))
     assert "\n" not in str(e.value)
