@@ -215,6 +215,19 @@ class RunLease:
                     raise _busy(self.label, self.where, holder, self.hint) from None
                 raise
 
+    def _ours_after_all(self, client) -> bool:
+        """A 412 on a retried renewal whose first try did land (its answer lost on a bad link): the ETag moved, but
+        to our own write. Adopt it when the object still names this holder."""
+        bucket, key = s3.split(self.where)
+        try:
+            current = client.get_object(Bucket=bucket, Key=key)
+            if json.loads(current["Body"].read()).get("holder") != self.holder:
+                return False
+        except (bex.ClientError, bex.BotoCoreError, OSError, ValueError):
+            return False
+        self._etag, self._renewed = current["ETag"], time.time()
+        return True
+
     def _renew_s3(self) -> None:
         client = _client(self.ttl_s)
         while not self._stop.wait(self.ttl_s / 3):
@@ -222,7 +235,7 @@ class RunLease:
                 self._etag = self._put(client, IfMatch=self._etag)
                 continue
             except bex.ClientError as e:
-                if _status(e) == 412:  # the ETag moved: another job took the lease over
+                if _status(e) == 412 and not self._ours_after_all(client):  # another job took the lease over
                     log.error("lost the lease at %s to another job: the workers stop writing", self.where)
                     return
                 problem = e  # 409 ConditionalRequestConflict included: AWS says to retry it
