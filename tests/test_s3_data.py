@@ -386,11 +386,15 @@ def test_throttling_beyond_botocores_retries_backs_off_instead_of_skipping(moto,
         s3._clients.clear()
 
 
-def test_an_s3_that_is_down_for_good_stops_the_stream_within_max_stall_s(moto, monkeypatch):
+@pytest.mark.parametrize("reader", ["plain", "streams"])
+def test_an_s3_that_is_down_for_good_stops_the_stream_within_max_stall_s(moto, monkeypatch, reader):
     """The endpoint stops answering (nothing listens there any more): every shard fails; the stream ends with an
-    error naming the stall and the shards, instead of retrying forever. Retries are cut short here (one try
-    each) so that the test waits on the stall limit, not on the backoff."""
+    error naming the stall and the shards, instead of retrying forever; the same for both readers (the plain one,
+    and data.streams' ordered one). Retries are cut short here (one try each) so that the test waits on the stall
+    limit, not on the backoff."""
     from dcgan_dist.config import DataConfig
+    from dcgan_dist.data.loader import ShardSet
+    from dcgan_dist.data.streams import StreamBatches
 
     tar = io.BytesIO()
     with tarfile.open(fileobj=tar, mode="w") as t:
@@ -399,7 +403,8 @@ def test_an_s3_that_is_down_for_good_stops_the_stream_within_max_stall_s(moto, m
         t.addfile(info, io.BytesIO(b"x"))
     for i in range(3):
         boto3.client("s3").put_object(Bucket="data", Key=f"gone/shard-{i:06d}.tar", Body=tar.getvalue())
-    shard_set = resolve_shards("s3://data/gone/")
+    urls = resolve_shards("s3://data/gone/").urls
+    manifest = {"channels": 1, "resolution": 32, "shards": [{"name": u.rsplit("/", 1)[1], "count": 1} for u in urls]}
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(s3, "MAX_ATTEMPTS", 1)
     monkeypatch.setattr(s3, "RETRIES", 1)
@@ -409,8 +414,13 @@ def test_an_s3_that_is_down_for_good_stops_the_stream_within_max_stall_s(moto, m
         t0 = time.time()
         with pytest.raises(DataError, match=r"no usable image for \d+ s \(data.max_stall_s=1\); the last shards: "
                                             r"s3://data/gone/shard-00000\d.tar \(shard .* unreadable"):
-            next(make_batches(shard_set, channels=1, resolution=32, batch_size=4, seed=0,
-                              limits=DataConfig(max_bad_shards=10**6, max_stall_s=1)))
+            limits = DataConfig(max_bad_shards=10**6, max_stall_s=1, streams=2)
+            if reader == "plain":
+                next(make_batches(ShardSet(urls, None), channels=1, resolution=32, batch_size=4, seed=0,
+                                  limits=limits))
+            else:
+                next(StreamBatches(ShardSet(urls, manifest), channels=1, resolution=32, global_batch=4, seed=0,
+                                   rank=0, world=1, start_step=1, positions=None, limits=limits))
         assert time.time() - t0 < 30
     finally:
         s3._clients.clear()
