@@ -31,7 +31,7 @@ import botocore.exceptions as bex
 from botocore.config import Config
 
 from dcgan_dist.data import s3
-from dcgan_dist.errors import DataError, RunBusy
+from dcgan_dist.errors import ConfigError, DataError, RunBusy
 
 log = logging.getLogger(__name__)
 TTL_S = 60.0
@@ -39,6 +39,25 @@ LEASE = ".lease"
 
 
 RUN_HINT = "stop that job, wait for it, or choose another train.run_name"
+NO_LOCKS_HINT = "use s3://..., or mount the folder on every node with working locks (NFS without nolock)"
+
+
+def _try_lock(path: str) -> tuple[str, str]:
+    """Run on another node by `check_every_node_sees_it`: how the lock another node holds on `path` looks here."""
+    import ray
+
+    node = ray.util.get_node_ip_address()
+    if not os.path.exists(path):
+        return node, "does not have"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return node, "held"
+        except OSError as e:
+            return node, f"cannot lock ({e})"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return node, "could lock"
 
 
 def _busy(label: str, where: str, holder: dict, hint: str) -> RunBusy:
@@ -178,10 +197,43 @@ class RunLease:
             self._file.close()
             self._file = None
             raise _busy(self.label, self.where, {**holder, "expires": time.time()}, self.hint) from None
+        except OSError as e:  # a FUSE mount, say, that has no locks at all
+            self._file.close()
+            self._file = None
+            raise ConfigError(f"ray.storage_path: {path.parent.parent} cannot be locked ({e}), so it cannot guard a "
+                              f"run against a second writer: {NO_LOCKS_HINT}") from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(json.dumps({"holder": self.holder}))
         self._file.flush()
+
+    def check_every_node_sees_it(self, timeout_s: float = 60) -> None:
+        """A folder's flock excludes a job on another node only if that node sees the lock: true of one machine and
+        of a shared file system with working locks, not of NFS mounted `nolock`, whose locks stay on each node.
+        Every other live node of the Ray cluster tries to take the lock this process holds; one that gets it, or
+        finds no such file (the folder is not shared), means the folder cannot guard the run: refused at start.
+        An S3 lease needs no check."""
+        if self._file is None:
+            return
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+        if not others:
+            return
+        probe = ray.remote(num_cpus=0, max_retries=0)(_try_lock)
+        path = self._file.name
+        try:
+            answers = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                               .remote(path) for node in others], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(f"ray.storage_path: could not check within {timeout_s:.0f} s that every node sees the "
+                              f"lock on {path}") from None
+        for node, answer in answers:
+            if answer != "held":
+                raise ConfigError(f"ray.storage_path: node {node} {answer} {path}, which this node holds locked: "
+                                  f"the folder cannot guard the run against a second writer; {NO_LOCKS_HINT}")
 
     # --- S3: conditional writes --------------------------------------------------------------------------------
     def _body(self) -> bytes:

@@ -178,13 +178,15 @@ def run_folder(ckpt: ray.train.Checkpoint) -> str:
 
 
 def newest_readable(own: ray.train.Checkpoint) -> tuple[str, list[str]]:
-    """The name of the newest checkpoint that reads back whole, from Ray's record of the latest one back, and the
-    newer ones skipped (with why). Ray's latest can be unreadable (a truncated upload, a full disk). Folders newer
-    than Ray's record are not taken: Ray's retention does not know them, so they would stay in storage for good."""
+    """The name of the newest checkpoint of the run that reads back whole, and the newer ones skipped (with why).
+    The storage's listing decides, not Ray's record: Ray's latest can be unreadable (a truncated upload, a full
+    disk), and a newer folder can be whole but unrecorded (its upload finished, the controller was lost before it
+    recorded it: resuming from Ray's latest would redo those steps). The run's end removes folders Ray's retention
+    does not know (`trainer.sweep_unrecorded`)."""
     folder, fs, latest = run_folder(own), own.filesystem, own.path.rstrip("/").rsplit("/", 1)[-1]
     names = sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
-                    if info.type == pyarrow.fs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name)
-                    and info.base_name <= latest), reverse=True)
+                    if info.type == pyarrow.fs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name)),
+                   reverse=True)
     skipped = []
     for name in names:
         try:
@@ -194,6 +196,9 @@ def newest_readable(own: ray.train.Checkpoint) -> tuple[str, list[str]]:
             skipped.append(f"{name}: {e}")
             log.warning("skipping checkpoint %s/%s: %s", folder, name, e)
             continue
+        if name > latest:
+            log.warning("resuming from %s/%s, newer than Ray's record of the run (%s): its upload finished, its "
+                        "record did not", folder, name, latest)
         return name, skipped
     raise CheckpointError(f"no checkpoint of the run in {folder} can be read: " + "; ".join(skipped))
 

@@ -14,11 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from dcgan_dist import champion, checkpoint, evaluation, networks, tracking
+from dcgan_dist import champion, checkpoint, evaluation, networks, tracking, train_loop
 from dcgan_dist.config import Config, DataConfig
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import ShardSet, resolve_shards
@@ -177,6 +178,22 @@ def deliver_held(cfg: Config, run_id: str, result) -> None:
         log.warning("delivered %d metric values that rank 0 could not send to MLflow", sent)
 
 
+def sweep_unrecorded(result) -> list[str]:
+    """Remove the run's checkpoint folders that Ray's record does not list (uploaded by a controller lost before it
+    recorded them; a resume may have started from one, `train_loop.newest_readable`): Ray's retention never
+    deletes what it does not know. Called at the run's successful end, when its newest checkpoint is recorded."""
+    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints or []}
+    kept.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    folder, fs = train_loop.run_folder(result.checkpoint), result.checkpoint.filesystem
+    swept = sorted(info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
+                   if info.type == pyarrow.fs.FileType.Directory
+                   and train_loop.CHECKPOINT_NAME.fullmatch(info.base_name) and info.base_name not in kept)
+    for name in swept:
+        fs.delete_dir(f"{folder}/{name}")
+        log.info("removed %s/%s: a checkpoint Ray's record of the run does not list", folder, name)
+    return swept
+
+
 def best_checkpoint(result) -> tuple[ray.train.Checkpoint, dict | None]:
     """The checkpoint with the lowest evaluated score (the metric) and its evaluation, else the latest one."""
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("score", UNSCORED) < UNSCORED]
@@ -224,20 +241,22 @@ def train(cfg: Config) -> TrainOutcome:
     time (a second one is refused while the first holds the run's lease)."""
     cfg = prepare_inputs(cfg)
     with RunLease(cfg.ray.storage_path, cfg.train.run_name, ttl_s=cfg.train.lease_ttl_s) as lease:
-        return _train_holding_the_lease(cfg, lease.fence())
+        return _train_holding_the_lease(cfg, lease)
 
 
-def _train_holding_the_lease(cfg: Config, lease: dict | None) -> TrainOutcome:
+def _train_holding_the_lease(cfg: Config, lease: RunLease) -> TrainOutcome:
     run_name = cfg.train.run_name
+    init_ray(cfg)
+    lease.check_every_node_sees_it()  # before the MLflow run: a refused job leaves no trace there
     run_id, resumed = tracking.start_run(cfg, run_name)
     log.info("%s MLflow run %s (%s), run name %r", "resuming" if resumed else "started", run_id,
              tracking.redact(cfg.tracking.uri), run_name)
     tracking.log_dataset(cfg, run_id, shards_of(cfg))
-    init_ray(cfg)
     stop = {"fatal": None}
     try:
         with stop_on_sigterm(cfg.train.stop_timeout_s) as stop:
-            trainer = make_trainer(cfg, run_id, run_config(cfg, run_name), stop_request=stop["request"], lease=lease)
+            trainer = make_trainer(cfg, run_id, run_config(cfg, run_name), stop_request=stop["request"],
+                                   lease=lease.fence())
             result = trainer.fit()
     except BaseException as e:
         end_run_quietly(cfg, run_id, "KILLED" if isinstance(e, (Stopped, KeyboardInterrupt)) else "FAILED")
@@ -265,6 +284,7 @@ def _train_holding_the_lease(cfg: Config, lease: dict | None) -> TrainOutcome:
                            f"request; its checkpoint is in {result.checkpoint.path}: the same command resumes it")
     log.info("training ended at step %s", (result.metrics or {}).get("step"))
     deliver_held(cfg, run_id, result)
+    sweep_unrecorded(result)
     best, scored = best_checkpoint(result)
     with best.as_directory() as ckpt_dir:
         state = checkpoint.load(ckpt_dir)

@@ -103,3 +103,53 @@ def test_an_s3_lease_is_a_compare_and_set_renewed_by_its_holder_and_taken_over_a
             RunLease(storage, "bedrooms").__enter__()
         assert lease._etag
     assert s3.exists("s3://ckpt/runs/bedrooms/.lease") is None  # freed at the end, not left to expire
+
+
+def test_a_storage_folder_whose_lock_another_node_does_not_see_is_refused_at_start(local_ray, tmp_path, digits_dir):
+    """`file://` storage must be one folder, with working locks, on every node: the run lease and the champion lock
+    are flocks. A second Ray node joins the local cluster in a mount namespace of its own, where the storage path
+    is another folder (as NFS mounted `nolock` shows every node the files but keeps each node's locks to itself).
+    The job is refused at start, naming that node and the lease file: once where that node finds a lease file of
+    its own and could lock it, once where it finds none (the folder is not shared); no MLflow run is made. The
+    same cluster without that node trains from this folder (every other local test does)."""
+    import ray
+    from mlflow import MlflowClient
+
+    from conftest import tiny_overrides
+    from dcgan_dist.config import load_config
+    from dcgan_dist.errors import ConfigError
+    from dcgan_dist.trainer import train
+
+    storage, elsewhere = tmp_path / "storage", tmp_path / "elsewhere"
+    storage.mkdir()
+    (elsewhere / "nolock").mkdir(parents=True)
+    (elsewhere / "nolock" / ".lease").write_text("{}")  # the same file name, another file: its lock is not ours
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    node = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount --bind {elsewhere} {storage} && exec {ray_cli} start --address={local_ray} --num-cpus=0 --block"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def alive() -> int:
+        return sum(n["Alive"] for n in ray.nodes())
+
+    try:
+        deadline = time.time() + 60
+        while alive() < 2:
+            assert node.poll() is None and time.time() < deadline, node.stdout.read() if node.poll() else "no node"
+            time.sleep(0.5)
+        for run_name, answer in (("nolock", "could lock"), ("unshared", "does not have")):
+            overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": run_name,
+                                                                 "ray.storage_path": f"file://{storage}"})
+            with pytest.raises(ConfigError, match=rf"ray.storage_path: node \S+ {answer} {storage}/{run_name}/"
+                                                  r"\.lease, which this node holds locked: .*\(NFS without nolock\)"):
+                train(load_config(overrides=overrides))
+        client = MlflowClient(load_config(overrides=overrides).tracking.uri)
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    finally:
+        os.killpg(node.pid, 15)
+        node.wait(60)
+        deadline = time.time() + 60
+        while alive() > 1 and time.time() < deadline:  # later tests must not send work to a node that is gone
+            time.sleep(0.5)
+    assert alive() == 1

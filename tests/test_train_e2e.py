@@ -432,6 +432,31 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_o
     assert client.get_run(out.run_id).info.status == "FAILED"
 
 
+def test_a_checkpoint_uploaded_but_not_recorded_by_ray_is_resumed_from_and_removed_once_the_run_ends(
+        local_ray, tmp_path, digits_dir):
+    """The head lost after a checkpoint's upload finished and before Ray's controller recorded it: storage holds a
+    whole checkpoint newer than Ray's record. Made here by putting back Ray's own record file as it was before the
+    step-12 checkpoint. The same command resumes from step 12, not from Ray's latest (step 8: four steps redone),
+    logs every step once, and at the run's end the folder holds only what Ray's record lists (its retention never
+    deletes a folder it does not know)."""
+    overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "unrecorded", "train.steps": 8,
+                                                         "ray.num_workers": 1, "tracking.register": "false",
+                                                         "ray.keep_checkpoints": 10})
+    train(load_config(overrides=overrides))
+    folder = tmp_path / "ray_results" / "unrecorded"
+    record = folder / "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's checkpoints
+    before = record.read_bytes()
+    train(load_config(overrides=[*overrides, "train.steps=12"]))
+    assert (folder / "checkpoint_00000012").is_dir()
+    record.write_bytes(before)  # the step-12 upload landed, its record did not
+    out = train(load_config(overrides=[*overrides, "train.steps=16"]))
+    assert out.step == 16 and out.metrics["start_step"] == 13, out.metrics
+    client = MlflowClient(load_config(overrides=overrides).tracking.uri)
+    assert history(client, out.run_id, "loss_d") == list(range(2, 17, 2))  # none lost, none twice
+    assert sorted(p.name for p in folder.glob("checkpoint_0*")) == [
+        "checkpoint_00000004", "checkpoint_00000008", "checkpoint_00000016"]
+
+
 def test_a_resume_on_changed_data_is_refused_unless_asked_for(local_ray, tmp_path, digits_dir):
     """Shards added after a checkpoint: the stream positions it holds would point at other samples. The same
     command is refused at once with one line naming both datasets (whatever ray.max_failures says: no restart can
