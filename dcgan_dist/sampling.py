@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from dcgan_dist import tracking
 from dcgan_dist.errors import ConfigError
 from dcgan_dist.evaluation import resolve_version
+from dcgan_dist.grids import save_grid
 from dcgan_dist.experiments.latent_walk import paths, slerp
 from dcgan_dist.models import generate, latents
 
@@ -32,7 +32,7 @@ def write(images: torch.Tensor, out: str | Path | None, npz: str | Path | None, 
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     if out:
-        save_image(images.float(), out, nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+        save_grid(images, out, nrow=nrow)
     if npz:
         np.savez_compressed(npz, images=images.float().numpy())
 

@@ -12,12 +12,12 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures go to files
 import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
 
 from dcgan_dist import tracking  # noqa: E402
 from dcgan_dist.config import Config  # noqa: E402
 from dcgan_dist.data.loader import decode_sample, resolve_shards, shard_samples  # noqa: E402
 from dcgan_dist.errors import ConfigError, DataError  # noqa: E402
+from dcgan_dist.grids import save_grid  # noqa: E402
 from dcgan_dist.networks import Networks  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class ExperimentRun:
     def images(self, filename: str, images: torch.Tensor, nrow: int) -> Path:
         """A grid of images in [-1, 1], row-major, `nrow` per row."""
         path = self.folder / filename
-        save_image(images.float().clamp(-1, 1), path, nrow=nrow, normalize=True, value_range=(-1, 1))
+        save_grid(images, path, nrow=nrow)
         return self._log(path)
 
     def picture(self, filename: str, image) -> Path:

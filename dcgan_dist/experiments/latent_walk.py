@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from dcgan_dist.errors import ConfigError
+from dcgan_dist.grids import grid_pixels
 from dcgan_dist.models import generate, latents
 
 NAME = "latent-walk"
@@ -81,8 +81,7 @@ def run(args, nets, out) -> str:
     images = generate(nets.g, z.reshape(-1, nz))
     frames = images.reshape(len(z), tiles, *images.shape[1:])
 
-    gif = [Image.fromarray(make_grid(f, nrow=4, normalize=True, value_range=(-1, 1)).mul(255).round().byte()
-                           .permute(1, 2, 0).numpy()) for f in frames]
+    gif = [Image.fromarray(grid_pixels(f, nrow=4)) for f in frames]
     out.picture("walk.gif", gif)
     _plot(figures, out)
     return out.finish("\n".join([f"{args.paths} paths x {args.steps} steps (seed {args.seed}); "

@@ -11,14 +11,17 @@ on every load, and torch-fidelity is handed the checked bytes, never None (which
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch_fidelity
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+if TYPE_CHECKING:  # imported where the network is built: torch-fidelity imports torchvision (~1.5 s per process)
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from dcgan_dist.data import s3
 from dcgan_dist.errors import ConfigError, DcganError
@@ -30,7 +33,7 @@ STANDARD_SHA256_PREFIX = "6726825d"  # torch-hub convention: the file name carri
 EXTRACTOR = "inception-v3-compat"  # torch-fidelity's name for its TF1-compatible Inception-v3
 LAYER = "2048"  # its pool3 features, the ones FID and KID use
 # In protocols and real-side cache keys: another torch-fidelity version re-measures rather than compares.
-NAME = f"torch-fidelity-{torch_fidelity.__version__}-{EXTRACTOR}"
+NAME = f"torch-fidelity-{importlib.metadata.version('torch-fidelity')}-{EXTRACTOR}"
 
 
 class InceptionExtractor:
@@ -57,16 +60,17 @@ class InceptionExtractor:
         return out
 
 
-class _Unweighted(FeatureExtractorInceptionV3):
-    """The network left at its random initialisation: its constructor's load_state_dict is skipped."""
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        return None
-
-
 def _network(state: dict[str, torch.Tensor] | None = None) -> FeatureExtractorInceptionV3:
     """torch-fidelity's network with `state` (read by us with weights_only=True) loaded into it. Its own loader
     unpickles with weights_only=False, so it never sees the user's file: it is handed an empty dict of ours."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Unweighted(FeatureExtractorInceptionV3):
+        """The network left at its random initialisation: its constructor's load_state_dict is skipped."""
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
     empty = io.BytesIO()
     torch.save({}, empty)
     empty.seek(0)

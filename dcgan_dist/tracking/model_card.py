@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 from mlflow import MlflowClient
-from torchvision.utils import save_image
 
 from dcgan_dist.config import Config
+from dcgan_dist.grids import save_grid
 from dcgan_dist.models import generate, latents
 from dcgan_dist.tracking.uris import redact
 
@@ -32,7 +32,7 @@ def log_sample_grid(cfg: Config, run_id: str, generator: torch.nn.Module, step: 
     images = generate(generator.eval(), latents(64, cfg.model.nz, cfg.metrics.seed), batch_size=64)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"samples_step_{step}.png"
-        save_image(images.float(), path, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
+        save_grid(images, path, nrow=8)
         MlflowClient(cfg.tracking.uri).log_artifact(run_id, str(path), "model_card")
     return f"model_card/{path.name}"
 

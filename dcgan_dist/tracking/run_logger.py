@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric
-from torchvision.utils import make_grid
 
+from dcgan_dist.grids import grid_pixels
 from dcgan_dist.tracking.uris import redact
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,7 @@ class RunLogger:
 
     def log_grid(self, step: int, images: torch.Tensor) -> None:
         """An 8x8 grid as `samples/step_NNNNNN.png` and in the run's image view (key `samples`)."""
-        grid = make_grid(images.detach().float().cpu(), nrow=8, padding=2, normalize=True, value_range=(-1, 1))
-        arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        arr = grid_pixels(images, nrow=8)
         self._enqueue([], lambda: self._send_grid(step, arr))
 
     def _send_grid(self, step: int, arr: np.ndarray) -> None:
