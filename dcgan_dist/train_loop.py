@@ -177,18 +177,26 @@ def run_folder(ckpt: ray.train.Checkpoint) -> str:
     return ckpt.path.rstrip("/").rsplit("/", 1)[0]
 
 
+def checkpoint_name(ckpt: ray.train.Checkpoint) -> str:
+    return ckpt.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def checkpoint_names(ckpt: ray.train.Checkpoint) -> list[str]:
+    """Every checkpoint folder in the run folder of `ckpt`, as storage lists them (Ray's record aside), newest first."""
+    return sorted((info.base_name for info in ckpt.filesystem.get_file_info(pyarrow.fs.FileSelector(run_folder(ckpt)))
+                   if info.type == pyarrow.fs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name)),
+                  reverse=True)
+
+
 def newest_readable(own: ray.train.Checkpoint) -> tuple[str, list[str]]:
     """The name of the newest checkpoint of the run that reads back whole, and the newer ones skipped (with why).
     The storage's listing decides, not Ray's record: Ray's latest can be unreadable (a truncated upload, a full
     disk), and a newer folder can be whole but unrecorded (its upload finished, the controller was lost before it
     recorded it: resuming from Ray's latest would redo those steps). The run's end removes folders Ray's retention
     does not know (`trainer.sweep_unrecorded`)."""
-    folder, fs, latest = run_folder(own), own.filesystem, own.path.rstrip("/").rsplit("/", 1)[-1]
-    names = sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
-                    if info.type == pyarrow.fs.FileType.Directory and CHECKPOINT_NAME.fullmatch(info.base_name)),
-                   reverse=True)
+    folder, fs, latest = run_folder(own), own.filesystem, checkpoint_name(own)
     skipped = []
-    for name in names:
+    for name in checkpoint_names(own):
         try:
             with ray.train.Checkpoint(path=f"{folder}/{name}", filesystem=fs).as_directory() as ckpt_dir:
                 checkpoint.load(ckpt_dir)  # the whole file, as the resume will read it

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -182,12 +181,10 @@ def sweep_unrecorded(result) -> list[str]:
     """Remove the run's checkpoint folders that Ray's record does not list (uploaded by a controller lost before it
     recorded them; a resume may have started from one, `train_loop.newest_readable`): Ray's retention never
     deletes what it does not know. Called at the run's successful end, when its newest checkpoint is recorded."""
-    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints or []}
-    kept.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    kept = {train_loop.checkpoint_name(c) for c, _ in result.best_checkpoints or []}
+    kept.add(train_loop.checkpoint_name(result.checkpoint))
     folder, fs = train_loop.run_folder(result.checkpoint), result.checkpoint.filesystem
-    swept = sorted(info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
-                   if info.type == pyarrow.fs.FileType.Directory
-                   and train_loop.CHECKPOINT_NAME.fullmatch(info.base_name) and info.base_name not in kept)
+    swept = sorted(name for name in train_loop.checkpoint_names(result.checkpoint) if name not in kept)
     for name in swept:
         fs.delete_dir(f"{folder}/{name}")
         log.info("removed %s/%s: a checkpoint Ray's record of the run does not list", folder, name)
