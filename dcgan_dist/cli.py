@@ -38,11 +38,12 @@ def parse_config(args: argparse.Namespace) -> Config:
     if args.help_config:
         print(describe())
         sys.exit(0)
-    from dcgan_dist.tracking import resolve_uri  # here, not at the top: `--help` needs no MLflow import
+    from dcgan_dist.tracking import ready_store, resolve_uri  # here, not at the top: `--help` needs no MLflow import
 
     cfg = load_config(args.config, args.overrides)
     # Resolved here, once, relative to where the user typed it: Ray workers run in other folders.
     cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
+    ready_store(cfg.tracking.uri)
     return cfg
 
 

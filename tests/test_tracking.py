@@ -1,4 +1,6 @@
 import getpass
+import subprocess
+import sys
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -34,6 +36,19 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_jobs_opening_the_same_new_sqlite_store_at_once_all_find_its_tables(tmp_path):
+    """Four processes, as four jobs started together on the default sqlite:///mlflow.db: without the lock in
+    ready_store, MLflow's table creation races and all but one fail with "table ... already exists"."""
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    code = ("import sys; from mlflow import MlflowClient; from dcgan_dist.tracking import ready_store; "
+            "ready_store(sys.argv[1]); print(MlflowClient(sys.argv[1]).create_experiment(sys.argv[2]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, f"job-{i}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    outs = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    assert all(rc == 0 for _, _, rc in outs), [err[-800:] for _, err, rc in outs if rc]
+    assert {e.name for e in MlflowClient(uri).search_experiments()} >= {f"job-{i}" for i in range(4)}
 
 
 def test_a_loopback_tracking_server_is_the_drivers_machine_seen_from_other_nodes():
