@@ -313,7 +313,7 @@ def run_loop(loop_config: dict) -> None:
     if rank == 0:  # the only rank that logs training to MLflow, from whichever node it landed on
         logger = tracking.RunLogger(uri, loop_config["mlflow_run_id"], skip_logged=True)
         if own:  # a predecessor's undelivered metrics (a donor's belong to another run)
-            logger.resend(tracking.read_held(own))
+            logger.take_over(tracking.read_held(own))
     if logger:
         logger.set_tags({"precision": step_fn.precision, "device": str(device)})  # what `auto` became, where
         if skipped:

@@ -170,11 +170,11 @@ def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
 
 
 def deliver_held(cfg: Config, run_id: str, result) -> None:
-    """Metrics rank 0 could not send before it ended travel in the last checkpoint: send them from here, or fail
-    loudly (never a green job with steps missing in MLflow)."""
-    held = tracking.read_held(result.checkpoint) if result.checkpoint else []
-    if held and (sent := tracking.deliver_held(cfg.tracking.uri, run_id, held)):
-        log.warning("delivered %d metric values that rank 0 could not send to MLflow", sent)
+    """Metrics and tags rank 0 could not send before it ended travel in the last checkpoint: send them from here, or
+    fail loudly (never a green job with steps missing in MLflow)."""
+    if result.checkpoint and (sent := tracking.deliver_held(cfg.tracking.uri, run_id,
+                                                            tracking.read_held(result.checkpoint))):
+        log.warning("delivered %d metric values and tags that rank 0 could not send to MLflow", sent)
 
 
 def sweep_unrecorded(result) -> list[str]:

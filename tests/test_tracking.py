@@ -113,9 +113,9 @@ def test_the_registered_generator_answers_as_a_pyfunc(tmp_path):
         model.predict(z[:, :50])
 
 
-def test_held_metrics_travel_in_a_checkpoint_and_are_delivered_once(tmp_path):
-    """A rank 0 that dies holding metrics (its server down) leaves them in the checkpoint; whoever reads that
-    checkpoint later sends them, skipping steps the run already has."""
+def test_held_metrics_and_tags_travel_in_a_checkpoint_and_are_delivered_once(tmp_path):
+    """A rank 0 that dies holding metrics and tags (its server down or slow, its group torn down to resize) leaves
+    them in the checkpoint; whoever reads that checkpoint later sends them, skipping what the run already has."""
     import ray.train
 
     from conftest import free_port
@@ -129,17 +129,26 @@ def test_held_metrics_travel_in_a_checkpoint_and_are_delivered_once(tmp_path):
     for step in (2, 4):
         logger.add(step, {"loss_d": step / 10, "loss_g": 1.0})
     logger.flush()
+    logger.set_tags({"dcgan.resize.step_00000005": "2 -> 1 workers"})
     logger.add(6, {"loss_d": 0.6, "loss_g": 1.0})
     (tmp_path / "ckpt").mkdir()
     tracking.write_held(logger.held(), str(tmp_path / "ckpt"))
     assert logger.close() == 6  # the server never came back: undelivered, and said so
 
     held = tracking.read_held(ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")))
-    assert [(m.key, m.step) for m in held] == [("loss_d", 2), ("loss_g", 2), ("loss_d", 4), ("loss_g", 4),
-                                               ("loss_d", 6), ("loss_g", 6)]
-    assert tracking.deliver_held(uri, run_id, held) == 4  # step 2 was already there
+    assert [(m.key, m.step) for m in held.metrics] == [("loss_d", 2), ("loss_g", 2), ("loss_d", 4), ("loss_g", 4),
+                                                       ("loss_d", 6), ("loss_g", 6)]
+    assert held.tags == {"dcgan.resize.step_00000005": "2 -> 1 workers"}
+    assert tracking.deliver_held(uri, run_id, held) == 5  # 4 values (step 2 was already there) and the tag
     assert tracking.deliver_held(uri, run_id, held) == 0  # and nothing twice
     assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss_d")] == [2, 4, 6]
+    assert MlflowClient(uri).get_run(run_id).data.tags["dcgan.resize.step_00000005"] == "2 -> 1 workers"
+
+    # A successor queues what it took over; once its sender delivered a tag, no checkpoint carries it again.
+    successor = tracking.RunLogger(uri, run_id, close_timeout_s=30)
+    successor.take_over(tracking.Held([], {"dcgan.resume.skipped.step_00000007": "checkpoint_6: truncated"}))
+    assert successor.close() == 0 and successor.held() == tracking.Held([], {})
+    assert MlflowClient(uri).get_run(run_id).data.tags["dcgan.resume.skipped.step_00000007"] == "checkpoint_6: truncated"
 
 
 def test_a_grid_reaches_the_run_once_across_restarts_and_an_item_the_server_refuses_is_dropped(tmp_path):

@@ -8,7 +8,7 @@ import json
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -22,13 +22,20 @@ log = logging.getLogger(__name__)
 ITEM_TRIES = 3  # tries of a grid or tag the server answers for but refuses, before it is dropped
 
 
+class Held(NamedTuple):
+    """What rank 0 has not delivered yet: metrics in step order, and tags (a resize, a skipped checkpoint)."""
+    metrics: list[Metric]
+    tags: dict[str, str]
+
+
 class RunLogger:
     """One background sender delivers everything in order (the module doc says why). While MLflow is down, items
     are held (beyond `max_held` metric values the oldest batches are dropped, with a warning) and retried every
     `retry_s`; `close` waits up to `close_timeout_s` for the rest and warns about anything undelivered.
-    Held metrics also travel in every checkpoint (`held`, `HELD_FILE`), so a rank 0 that dies with them does not
-    lose them: its successor, or the driver at the end, sends them (`resend`, `deliver_held`). Delivery is in
-    step order and skips steps the run already has, so each step lands exactly once.
+    Held metrics and tags also travel in every checkpoint (`held`, `HELD_FILE`), so a rank 0 that dies or is
+    stopped with them (a group torn down to resize) does not lose them: its successor, or the driver at the end,
+    sends them (`take_over`, `deliver_held`). Metrics go in step order and skip steps the run already has, so each
+    step lands exactly once.
     """
 
     def __init__(self, uri: str, run_id: str, *, max_held: int = 200_000, retry_s: float = 5.0,
@@ -37,6 +44,7 @@ class RunLogger:
         self.logged_until = 0  # steps up to here are already in the run and are not sent again
         self.pending: list[Metric] = []  # since the last checkpoint
         self._tags: dict[str, str] = {}
+        self._unsent_tags: dict[str, str] = {}
         self.max_held, self.retry_s, self.close_timeout_s = max_held, retry_s, close_timeout_s
         self._outbox: collections.deque[tuple[list[Metric], Callable[[], None]]] = collections.deque()  # (metrics, send)
         self._cond = threading.Condition()
@@ -140,17 +148,30 @@ class RunLogger:
             batch = metrics[i : i + 1000]
             self._enqueue(batch, lambda b=batch: self._send_metrics(b))
 
-    def held(self) -> list[Metric]:
-        """Every metric not yet known delivered, oldest first: what a checkpoint carries (`HELD_FILE`)."""
+    def take_over(self, held: Held) -> None:
+        """Queue what a predecessor's checkpoint says it had not delivered."""
+        self.resend(held.metrics)
+        self.set_tags(held.tags)
+
+    def held(self) -> Held:
+        """Every metric and tag not yet known delivered, oldest first: what a checkpoint carries (`HELD_FILE`)."""
         with self._cond:
-            return [m for batch, _ in self._outbox for m in batch] + list(self.pending)
+            return Held([m for batch, _ in self._outbox for m in batch] + list(self.pending), dict(self._unsent_tags))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tag the run; a tag is sent again only when its value changes."""
         new = {k: v for k, v in tags.items() if self._tags.get(k) != v}
+        with self._cond:
+            self._unsent_tags.update(new)
         for k, v in new.items():
-            self._enqueue([], lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
+            self._enqueue([], lambda k=k, v=v: self._send_tag(k, v))
         self._tags.update(new)
+
+    def _send_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+        with self._cond:
+            if self._unsent_tags.get(key) == value:
+                del self._unsent_tags[key]
 
     def set_protocols(self, protocols: dict[str, str]) -> None:
         """Tag the run with each metric's protocol (`protocol.swd` = its key)."""
@@ -175,6 +196,7 @@ class RunLogger:
         with self._cond:
             left = sum(len(m) for m, _ in self._outbox) + len(self.pending)
             self._outbox.clear()
+            self._unsent_tags.clear()
             self.pending, self._closing = [], True
             self._cond.notify_all()
         return left
@@ -194,22 +216,25 @@ class RunLogger:
         return lost
 
 
-HELD_FILE = "held_metrics.json"  # in a checkpoint folder: metrics rank 0 had not delivered when it was saved
+HELD_FILE = "held_metrics.json"  # in a checkpoint folder: what rank 0 had not delivered when it was saved
 
 
-def write_held(metrics: list[Metric], directory: str) -> None:
-    rows = [[m.key, m.value, m.timestamp, m.step] for m in metrics]
+def write_held(held: Held, directory: str) -> None:
+    rows = [[m.key, m.value, m.timestamp, m.step] for m in held.metrics]
     with open(f"{directory}/{HELD_FILE}", "w") as f:
-        json.dump(rows, f)
+        json.dump({"metrics": rows, "tags": held.tags}, f)
 
 
-def read_held(checkpoint) -> list[Metric]:
-    """The held metrics of a `ray.train.Checkpoint`, read alone (not the whole checkpoint) from wherever it is."""
+def read_held(checkpoint) -> Held:
+    """The held items of a `ray.train.Checkpoint`, read alone (not the whole checkpoint) from wherever it is."""
     try:
         with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{HELD_FILE}") as f:
-            return [Metric(k, v, ts, step) for k, v, ts, step in json.loads(f.read())]
+            saved = json.loads(f.read())
     except FileNotFoundError:
-        return []
+        return Held([], {})
+    if isinstance(saved, list):  # a checkpoint of an earlier version: metrics only
+        saved = {"metrics": saved, "tags": {}}
+    return Held([Metric(k, v, ts, step) for k, v, ts, step in saved["metrics"]], saved["tags"])
 
 
 def logged_until(client: MlflowClient, run_id: str) -> int:
@@ -217,12 +242,16 @@ def logged_until(client: MlflowClient, run_id: str) -> int:
     return max((m.step for m in client.get_metric_history(run_id, "loss_d")), default=0)
 
 
-def deliver_held(uri: str, run_id: str, metrics: list[Metric]) -> int:
+def deliver_held(uri: str, run_id: str, held: Held) -> int:
     """The driver's last resort after training: send what rank 0 could not (synchronously; raises if MLflow is
-    unreachable, so a job never ends green with metrics missing). Returns how many values it sent."""
+    unreachable, so a job never ends green with metrics missing). Returns how many metric values and tags it sent."""
     client = MlflowClient(uri)
     last = logged_until(client, run_id)
-    fresh = [m for m in metrics if m.step > last]
+    fresh = [m for m in held.metrics if m.step > last]
     for i in range(0, len(fresh), 1000):
         client.log_batch(run_id, metrics=fresh[i : i + 1000])
-    return len(fresh)
+    has = client.get_run(run_id).data.tags if held.tags else {}
+    tags = {k: v for k, v in held.tags.items() if has.get(k) != v}
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    return len(fresh) + len(tags)
