@@ -21,6 +21,10 @@
 #                                 MLFLOW_FLASK_SERVER_SECRET_KEY: any long random string (a fresh one if unset).
 #                                 Users see nothing they were not granted: cluster/mlflow_access.py gives the
 #                                 trainer login (~/.mlflow/credentials on the nodes) EDIT on its experiment.
+#   MLFLOW_AUTH_CACHE_TTL_S       seconds a checked login is remembered (60; 0: check every request). MLflow's own
+#                                 cache (auth_cache_ttl_seconds): the password hash, slow on purpose (~150 ms of CPU),
+#                                 runs once a minute per login instead of on every request; a password changed or a
+#                                 user deleted through MLflow's API takes effect at once (one server worker).
 set -euo pipefail
 
 state="${MLFLOW_STATE_DIR:-$HOME/mlflow-server}"
@@ -54,6 +58,9 @@ case "${MLFLOW_AUTH:-}" in
       exit 2
     fi
     export MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
+    if ! [[ "${MLFLOW_AUTH_CACHE_TTL_S:-60}" =~ ^[0-9]+$ ]]; then
+      echo "error: MLFLOW_AUTH_CACHE_TTL_S must be a whole number of seconds, got '${MLFLOW_AUTH_CACHE_TTL_S}'" >&2; exit 2
+    fi
     # The users database sits next to the runs; the admin password comes from the environment, not this file.
     cat > "$state/basic_auth.ini" <<INI
 [mlflow]
@@ -61,6 +68,7 @@ default_permission = NO_PERMISSIONS
 database_uri = sqlite:///$state/basic_auth.db
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_S:-60}
 INI
     export MLFLOW_AUTH_CONFIG_PATH="$state/basic_auth.ini"
     args+=(--app-name basic-auth)

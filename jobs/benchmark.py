@@ -9,6 +9,8 @@
     python jobs/benchmark.py scaling --hosts      # the allreduce between two bed hosts on 1 and 4 Gbit/s links (root)
     python jobs/benchmark.py eval-overhead        # training steps/s: evaluation off, in the loop, beside training
     python jobs/benchmark.py gpu --device cpu     # the first-GPU-run script, checked without a GPU
+    python jobs/benchmark.py tracking-load        # 1-64 trials logging to one MLflow server with basic auth
+    python jobs/benchmark.py soak                 # 45 minutes on 300,000 images from S3: does anything grow?
 
 On a GPU machine `make bench-gpu` runs `gpu`: preflight, step table, training, decode, resume, NCCL (10 minutes).
 """
@@ -77,8 +79,28 @@ def main() -> int:
                     help="instead: the allreduce between two network-namespace hosts on links shaped to 1 and 4 "
                          "Gbit/s, measured vs the ring model (needs root; uses tests/netbed.py)")
     sp.add_argument("--json", help="write the result to this file")
+    tp = sub.add_parser("tracking-load", help="simulated trials logging like rank 0 to one MLflow server with basic "
+                        "auth on loopback: requests/s, points/s, server CPU, latency, backlog, all arrived")
+    tp.add_argument("--trials", type=int, nargs="+", default=[1, 8, 32, 64])
+    tp.add_argument("--seconds", type=float, default=60, help="how long the trials log, per row")
+    tp.add_argument("--log-every-s", type=float, default=2.0, help="seconds between a trial's metric batches")
+    tp.add_argument("--grid-every", type=int, default=10, help="a sample grid every this many batches")
+    tp.add_argument("--cache-ttls", type=int, nargs="+", default=[0, 60],
+                    help="the server's MLFLOW_AUTH_CACHE_TTL_S values to compare (0: the password hash every request)")
+    tp.add_argument("--workdir", help="where the servers' state goes (default: a temporary folder)")
+    tp.add_argument("--json", help="write the rows to this file")
+    kp = sub.add_parser("soak", help="a long run from a loopback S3 of LSUN-scale shards with MLflow (basic auth, S3 "
+                        "artifacts), every process's memory, files and threads sampled: growth per hour")
+    kp.add_argument("--images", type=int, default=300_000, help="images in the synthetic LSUN-format LMDB (64x64)")
+    kp.add_argument("--minutes", type=float, default=45)
+    kp.add_argument("--sample-s", type=float, default=30, help="seconds between samples")
+    kp.add_argument("--warmup-min", type=float, default=5, help="minutes left out of the growth figures")
+    kp.add_argument("--out", default="outputs/soak", help="where soak.json, soak.png and train.log go")
+    kp.add_argument("--workdir", help="keep the LMDB, the servers' state and Ray's temp folder here")
+    kp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training setting over the soak's own (repeatable)")
     args = p.parse_args()
-    from bench import data, eval_overhead, gpu, ray_overhead, scaling, step
+    from bench import data, eval_overhead, gpu, ray_overhead, scaling, soak, step, tracking_load
 
     if args.what == "step":
         variants = {}
@@ -109,6 +131,14 @@ def main() -> int:
         return 1 if result["errors"] else 0
     elif args.what == "eval-overhead":
         rows = eval_overhead.bench_eval_overhead(args.steps, args.eval_every, args.num_images, workdir=args.workdir)
+    elif args.what == "soak":
+        result = soak.bench_soak(args.images, args.minutes, args.sample_s, args.warmup_min, args.out, args.workdir,
+                                 tuple(args.overrides))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("samples", "settings")}, indent=2))
+        return 0 if result["exit_code"] == 143 and not result["ended_early"] else 1
+    elif args.what == "tracking-load":
+        rows = tracking_load.bench_tracking_load(args.trials, args.seconds, args.log_every_s, args.grid_every,
+                                                 args.cache_ttls, args.workdir)
     elif args.what == "ray-overhead":
         rows = ray_overhead.bench_ray_overhead(args.steps, args.batch, args.resolution, args.log_every,
                                                args.workdir)

@@ -153,6 +153,17 @@ def test_the_trainer_login_logs_and_registers_but_reaches_nothing_else(tmp_path,
         with refused:
             get_app_client("basic-auth", tracking_uri=server.url).grant_user_permission(
                 "trainer", "experiment", "0", "MANAGE")
+
+        # The trainer's login was checked once and is remembered (MLFLOW_AUTH_CACHE_TTL_S, 60 s by default), yet a
+        # password the admin changes stops working at once: the cache does not outlive what auth protects.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "the-admin-password-of-the-head")
+        get_app_client("basic-auth", tracking_uri=server.url).update_user_password("trainer", "a-new-trainer-password")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+        with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+            client.get_run(run_id)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a-new-trainer-password")
+        assert client.get_run(run_id).info.run_id == run_id
     finally:
         server.stop()
 
@@ -173,6 +184,8 @@ def test_start_mlflow_refuses_weak_auth_settings(tmp_path):
         MlflowServer(tmp_path / "server", env={**AUTH, "MLFLOW_AUTH_ADMIN_PASSWORD": "short"})
     with pytest.raises(RuntimeError, match="12 or more characters"):  # missing: its own message, not `set -u`'s
         MlflowServer(tmp_path / "server", env={k: v for k, v in AUTH.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"})
+    with pytest.raises(RuntimeError, match="MLFLOW_AUTH_CACHE_TTL_S must be a whole number of seconds, got '1m'"):
+        MlflowServer(tmp_path / "server", env={**AUTH, "MLFLOW_AUTH_CACHE_TTL_S": "1m"})
     readable = tmp_path / "admin_password"
     readable.write_text("long-enough-password")
     readable.chmod(0o644)
