@@ -13,6 +13,9 @@
 #                                 The server proxies artifacts, so only it needs S3 access (instance profile or
 #                                 the AWS_* variables; AWS_ENDPOINT_URL_S3 for S3-compatible stores).
 #   MLFLOW_HOST / MLFLOW_PORT     bind address (127.0.0.1: reach it through an SSH tunnel) and port (5000)
+#   MLFLOW_WORKERS                server processes (MLflow's own setting; 1 here, not MLflow's 4: a sqlite store
+#                                 takes one writer at a time, and each worker costs ~300 MB). More help with a
+#                                 PostgreSQL store, and with basic auth when the login cache is off.
 #   MLFLOW_SERVER_ALLOWED_HOSTS   Host headers the server answers (MLflow's own setting; its default: localhost and
 #                                 private 10.*, 172.16-31.*, 192.168.* addresses, so cluster nodes in a VPC work)
 #   MLFLOW_AUTH=basic             turn on MLflow's basic-auth app. The admin login (set on first start) is
@@ -24,7 +27,8 @@
 #   MLFLOW_AUTH_CACHE_TTL_S       seconds a checked login is remembered (60; 0: check every request). MLflow's own
 #                                 cache (auth_cache_ttl_seconds): the password hash, slow on purpose (~150 ms of CPU),
 #                                 runs once a minute per login instead of on every request; a password changed or a
-#                                 user deleted through MLflow's API takes effect at once (one server worker).
+#                                 user deleted through MLflow's API takes effect at once with one server worker (with
+#                                 more, on the others within the TTL).
 set -euo pipefail
 
 state="${MLFLOW_STATE_DIR:-$HOME/mlflow-server}"
@@ -82,4 +86,4 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:
 
 echo "mlflow server: runs in ${backend%%://*}://..., artifacts in $artifacts, http://$host:$port${MLFLOW_AUTH:+ (basic auth)}" >&2
 exec "${MLFLOW_EXE:-mlflow}" server --backend-store-uri "$backend" --artifacts-destination "$artifacts" \
-  --host "$host" --port "$port" --workers 1 "${args[@]}"
+  --host "$host" --port "$port" --workers "${MLFLOW_WORKERS:-1}" "${args[@]}"

@@ -27,7 +27,12 @@ def steps(client, run_id, key="loss_d"):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def log_batch_requests(server: MlflowServer) -> int:
+    return server.log.read_text().count("POST /api/2.0/mlflow/runs/log-batch")
+
+
 def test_metrics_held_during_an_outage_are_delivered_when_the_server_returns(tmp_path, digits_dir, caplog):
+    """...in one request for the whole backlog (MLflow's limit allowing), so a server that fell behind catches up."""
     server = MlflowServer(tmp_path / "server")
     try:
         cfg = load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{"tracking.uri": server.url}))
@@ -38,18 +43,20 @@ def test_metrics_held_during_an_outage_are_delivered_when_the_server_returns(tmp
         server.stop()  # killed like a crashed server
         with caplog.at_level(logging.WARNING, logger="dcgan_dist"):
             t0 = time.time()
-            for step in (2, 3):
-                logger.add(step, {"loss_d": float(step)})
+            for step in range(2, 10):
+                logger.add(step, {"loss_d": float(step), "loss_g": 1.0})
                 logger.flush()
-            logger.log_grid(3, __import__("torch").zeros(4, 1, 8, 8))
+            logger.log_grid(9, __import__("torch").zeros(4, 1, 8, 8))
             assert time.time() - t0 < 5  # training does not wait for the server
             time.sleep(2)
+            before = log_batch_requests(server)
             server.start()
             assert logger.close() == 0
         assert "unreachable" in caplog.text and "reachable again" in caplog.text
         client = MlflowClient(server.url)
-        assert steps(client, run_id) == [1, 2, 3]
-        assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_000003.png"]
+        assert steps(client, run_id) == list(range(1, 10)) and steps(client, run_id, "loss_g") == list(range(2, 10))
+        assert log_batch_requests(server) - before == 1  # 8 steps held, one request
+        assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_000009.png"]
     finally:
         server.stop()
 
@@ -69,8 +76,14 @@ def test_what_cannot_be_delivered_is_bounded_and_reported(caplog):
 
 
 def test_basic_auth_rejects_anonymous_clients_and_accepts_credentials(tmp_path, digits_dir, monkeypatch):
-    server = MlflowServer(tmp_path / "server", env=AUTH)
+    """...on a server of two worker processes: MLflow's own MLFLOW_WORKERS reaches the server start_mlflow.sh runs."""
+    import psutil
+
+    server = MlflowServer(tmp_path / "server", env={**AUTH, "MLFLOW_WORKERS": "2"})
     try:
+        commands = [p.cmdline() for p in psutil.Process(server.proc.pid).children(recursive=True)]
+        assert any("uvicorn" in " ".join(c) and "--workers" in c and c[c.index("--workers") + 1] == "2"
+                   for c in commands), commands
         cfg = load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{"tracking.uri": server.url}))
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         with pytest.raises(TrackingError, match="cannot reach MLflow .*401|not authenticated"):

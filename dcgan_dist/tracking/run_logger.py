@@ -4,6 +4,7 @@ that a slow or unreachable MLflow server never stalls or crashes training."""
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import threading
@@ -19,6 +20,7 @@ from dcgan_dist.grids import grid_pixels
 from dcgan_dist.tracking.uris import redact
 
 log = logging.getLogger(__name__)
+BATCH_LIMIT = 1000  # metric values in one log_batch request: MLflow's limit
 ITEM_TRIES = 3  # tries of a grid or tag the server answers for but refuses, before it is dropped
 
 
@@ -89,7 +91,9 @@ class RunLogger:
                     self._cond.wait()
                 if not self._outbox:
                     return
-                metrics, send = self._outbox[0]
+                entries = self._head()
+                metrics = [m for batch, _ in entries for m in batch]
+                send = entries[0][1] if len(entries) == 1 else (lambda b=metrics: self._send_metrics(b))
             try:
                 send()
             except Exception as e:  # the server is down or refusing: hold everything, retry later
@@ -97,7 +101,7 @@ class RunLogger:
                 # after a few tries, so it cannot hold back the metrics behind it for the rest of the run.
                 failures += 1
                 if not metrics and failures >= ITEM_TRIES and self._server_answers():
-                    self._drop_head(send, e)
+                    self._drop_head(entries[0], e)
                     failures = 0
                     continue
                 if down_since is None:
@@ -109,13 +113,27 @@ class RunLogger:
                 continue
             failures = 0
             with self._cond:
-                if self._outbox and self._outbox[0][1] is send:
-                    self._outbox.popleft()
+                for entry in entries:  # unless dropped meanwhile (over max_held) or abandoned
+                    if self._outbox and self._outbox[0] is entry:
+                        self._outbox.popleft()
                 self._cond.notify_all()
             if down_since is not None:
                 log.warning("MLflow at %s reachable again after %.0f s: delivering held items", self.uri,
                             time.time() - down_since)
                 down_since = None
+
+    def _head(self) -> list[tuple[list[Metric], Callable[[], None]]]:
+        """The next item, or, when metric batches wait in a row (a server that falls behind), as many as fit in one
+        request (MLflow's limit: 1000 values): a backlog is sent in fewer, larger requests, so a slow server (every
+        request pays its login check) catches up instead of falling further behind."""
+        head = [self._outbox[0]]
+        size = len(head[0][0])
+        for entry in itertools.islice(self._outbox, 1, None):
+            if not head[0][0] or not entry[0] or size + len(entry[0]) > BATCH_LIMIT:
+                break
+            head.append(entry)
+            size += len(entry[0])
+        return head
 
     def _server_answers(self) -> bool:
         try:
@@ -124,9 +142,9 @@ class RunLogger:
         except Exception:  # noqa: BLE001 - down: the item is not the problem
             return False
 
-    def _drop_head(self, send, error: Exception) -> None:
+    def _drop_head(self, entry, error: Exception) -> None:
         with self._cond:
-            if self._outbox and self._outbox[0][1] is send:
+            if self._outbox and self._outbox[0] is entry:
                 self._outbox.popleft()
                 self.dropped_items += 1
             self._cond.notify_all()
@@ -144,8 +162,8 @@ class RunLogger:
 
     def resend(self, metrics: list[Metric]) -> None:
         """Queue metrics for sending (steps the run already has are skipped when they go out)."""
-        for i in range(0, len(metrics), 1000):  # MLflow's per-request limit
-            batch = metrics[i : i + 1000]
+        for i in range(0, len(metrics), BATCH_LIMIT):
+            batch = metrics[i : i + BATCH_LIMIT]
             self._enqueue(batch, lambda b=batch: self._send_metrics(b))
 
     def take_over(self, held: Held) -> None:
@@ -248,8 +266,8 @@ def deliver_held(uri: str, run_id: str, held: Held) -> int:
     client = MlflowClient(uri)
     last = logged_until(client, run_id)
     fresh = [m for m in held.metrics if m.step > last]
-    for i in range(0, len(fresh), 1000):
-        client.log_batch(run_id, metrics=fresh[i : i + 1000])
+    for i in range(0, len(fresh), BATCH_LIMIT):
+        client.log_batch(run_id, metrics=fresh[i : i + BATCH_LIMIT])
     has = client.get_run(run_id).data.tags if held.tags else {}
     tags = {k: v for k, v in held.tags.items() if has.get(k) != v}
     for k, v in tags.items():
