@@ -35,12 +35,11 @@ def _role_of(proc, driver_pid: int) -> str:
     """Which role a process of the driver's tree plays (Ray names its workers' processes `ray::<Actor>...`)."""
     if proc.pid == driver_pid:
         return "driver"
-    title = " ".join(proc.cmdline()[:1]) or proc.name()
-    if "RayTrainWorker" in title:
-        return "train_workers"
-    parent = proc.parent()
+    parent = proc.parent()  # first: a DataLoader worker, forked, carries its parent's title too
     if parent is not None and "RayTrainWorker" in " ".join(parent.cmdline()[:1]):
         return "dataloader_workers"
+    if "RayTrainWorker" in " ".join(proc.cmdline()[:1]):
+        return "train_workers"
     return "ray_processes"
 
 
@@ -72,6 +71,8 @@ def _sample(driver_pid: int, trees: dict[str, int]) -> dict:
 
 
 def _size_mb(path: Path) -> float:
+    if path.is_file():
+        return round(path.stat().st_size / 2**20, 1)
     total = 0
     for root, _, files in os.walk(path):
         for f in files:
@@ -172,8 +173,8 @@ def bench_soak(images: int = 300_000, minutes: float = 45, sample_s: float = 30,
     env = {**os.environ, **login, "TMPDIR": str(work / "tmp")}
     cmd = [sys.executable, str(JOBS / "train.py")] + [a for s in settings for a in ("--set", s)]
     samples, t_start = [], time.time()
-    with open(work / "train.log", "wb") as out:
-        driver = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=work)
+    with open(work / "train.log", "wb") as job_log:
+        driver = subprocess.Popen(cmd, env=env, stdout=job_log, stderr=subprocess.STDOUT, cwd=work)
     os.environ.update(login)
     client = MlflowClient(server.url)
     run_id = None
