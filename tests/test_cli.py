@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from conftest import EXIT_CONFIG, EXIT_DATA, EXIT_TRACKING, job_subprocess, run_job, sets, tiny_overrides
 
@@ -78,8 +79,11 @@ def test_train_rejects_bad_data_and_weights_before_starting_ray(tmp_path, digits
     ]
     for overrides, needle, code in cases:
         assert_one_line_error(run_job("train.py", *sets(overrides), cwd=tmp_path), needle, code)
-    # The inputs are checked before the MLflow run is created, which comes before Ray is started.
-    assert not (tmp_path / "mlflow.db").exists(), "a job with bad input went on to tracking and Ray"
+    # The inputs are checked before the MLflow run is created, which comes before Ray is started. (The store itself
+    # may exist: every job opens it first, under a lock, so that jobs started together do not race to create it.)
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not store.search_runs([e.experiment_id for e in store.search_experiments()]), \
+        "a job with bad input went on to tracking and Ray"
 
 
 def test_unusable_data_found_by_the_workers_ends_training_in_one_line(local_ray, tmp_path):

@@ -3,7 +3,8 @@
 (loopback moto/MLflow servers, synthetic LSUN data, the network-namespace bed) instead of shipping it.
 
 step.py: the training step vs pytorch/examples' (canonical.py); data.py: shards, streaming, JPEG decoding;
-ray_overhead.py: Ray Train vs a plain loop; scaling.py: compute + allreduce -> the scaling model.
+ray_overhead.py: Ray Train vs a plain loop; scaling.py: compute + allreduce -> the scaling model;
+tracking_load.py: trials against one MLflow server with basic auth; soak.py: a long run watched for growth.
 """
 
 import sys
