@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import fcntl
 import os
-from pathlib import Path
 
 from mlflow import MlflowClient
 
 from dcgan_dist.errors import ConfigError
-
-SQLITE = "sqlite:///"
+from dcgan_dist.tracking.uris import sqlite_file
 
 
 def ready_store(uri: str) -> None:
     """Open `uri`'s tracking and registry tables once, creating them if new; a no-op for a tracking server."""
-    if not uri.startswith(SQLITE + "/"):
+    db = sqlite_file(uri)
+    if db is None:
         return
-    folder = Path(uri[len(SQLITE):]).parent
+    folder = db.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY)

@@ -9,12 +9,19 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 
+SQLITE = "sqlite:///"
+
+
 def resolve_uri(uri: str) -> str:
     """Make a relative `sqlite:///file.db` absolute, so Ray workers in other folders find the same file."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        return SQLITE + str(Path(uri[len(SQLITE):]).resolve())
     return uri
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a resolved (absolute) sqlite URI; None for a tracking server."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE + "/") else None
 
 
 def redact(value: object) -> str:
@@ -33,10 +40,8 @@ def where_to_browse(uri: str, experiment_id: str, run_id: str) -> str:
 def artifact_location(uri: str) -> str | None:
     """For a sqlite store, artifacts go in `mlartifacts/` beside the database file, not in whatever folder the
     first run happened to start in (MLflow's default is `./mlruns` of the current directory)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix + "/"):
-        return (Path(uri[len(prefix):]).parent / "mlartifacts").as_uri()
-    return None  # a tracking server decides (its --artifacts-destination)
+    db = sqlite_file(uri)
+    return (db.parent / "mlartifacts").as_uri() if db else None  # a server decides (its --artifacts-destination)
 
 
 def as_seen_from(uri: str, driver_ip: str, node_ip: str) -> str:
