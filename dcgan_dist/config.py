@@ -115,6 +115,9 @@ class TrainConfig:
     seed: int = doc("seed for weights, noise and data order", 0)
     log_every: int = doc("steps between metric reports (to MLflow at once)", 10, POSITIVE)
     checkpoint_every: int = doc("steps between checkpoints", 100, POSITIVE)
+    checkpoint_upload: str = doc("async: Ray uploads each checkpoint while the ranks train on; sync: the step waits "
+                                 "for it; auto: async with GPUs, sync on CPUs (measured: no gain where the upload "
+                                 "shares the training's cores)", "auto", one_of("auto", "sync", "async"))
     stop_timeout_s: float = doc("on SIGTERM, how long the driver waits for the workers' last checkpoint", 60.0,
                                 POSITIVE)
     lease_ttl_s: float = doc("the run-name lease in S3 lapses this long after its job died (renewed every third)",

@@ -117,13 +117,44 @@ def _remove_stale_staging() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _wait_for_upload(step: int) -> None:
+    """One checkpoint staged at a time: the previous one's folder goes once Ray has uploaded it. Without this, a
+    storage slower than `train.checkpoint_every` steps would pile staged checkpoints up in the node's /tmp."""
+    t0, warned = time.monotonic(), 0.0
+    while any(Path(tempfile.gettempdir()).glob(f"{STAGING}{os.getpid()}-*")):
+        waited = time.monotonic() - t0
+        if waited - warned >= 60:
+            warned = waited
+            log.warning("rank 0: the checkpoint of step %d waits for the previous upload (%.0f s so far)", step,
+                        waited)
+        time.sleep(0.02)
+
+
+def _fenced_upload(watch: LeaseWatch, request, run_name: str, step: int):
+    """Ray's upload thread writes a checkpoint some time after rank 0 staged it (behind the upload before it): the
+    run's lease is read again right before the write, so a job that has lost its run writes nothing more. The
+    error is recorded with the job first, so the group Ray restarts for it leaves at once."""
+    def upload(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        if why := watch.lost(before_a_write=True):
+            error = RunBusy(f"run {run_name!r}: {why}; this job stopped writing at step {step}")
+            report_fatal(request, error)
+            raise error
+        return ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
+    return upload
+
+
 def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Config, step: int, start: int,
                     rank: int, metrics: dict, evaluation: dict | None, logger: tracking.RunLogger | None,
-                    data: dict, score: bool = False) -> None:
+                    data: dict, score: bool = False, wait: bool = False, watch: LeaseWatch | None = None,
+                    request=None) -> None:
     """Report this step's metrics to Ray with rank 0's checkpoint; `data`: what it was trained on
     (`data_identity`); `score`: Ray's validation task scores it beside training (`evaluation.score_checkpoint`).
-    The checkpoint is staged in a folder that is removed once `ray.train.report` has copied it to storage: nothing
-    accumulates in the node's /tmp."""
+    With `train.checkpoint_upload` async, Ray uploads it in its own thread while the ranks train on (at GPU speed
+    an upload of a few seconds is hundreds of steps), one upload at a time and in order; either way Ray removes the
+    staged folder once it is in storage, and the next checkpoint waits for that, so nothing accumulates in the
+    node's /tmp. A training function that returns waits for the last upload; `wait`: this one is waited for here
+    (the node is about to go: a preemption notice). `watch`, `request`: rank 0's lease watch and the job's stop
+    request (`_fenced_upload`)."""
     extra = {"step": step, "start_step": start,
              "score": ((evaluation or {}).get("values") or {}).get(cfg.tune.metric, UNSCORED)}
     # One collective: every rank's RNG state and, with data.streams, the positions of the streams it hosts.
@@ -131,9 +162,11 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
     if cfg.train.check_replicas:  # every rank hashes G: equal digests prove DDP kept the replicas identical
         extra["g_digests"] = gather(param_digest(step_fn.g))
     _remove_stale_staging()
-    with tempfile.TemporaryDirectory(prefix=f"{STAGING}{os.getpid()}-") as staging:
-        ckpt = None
-        if rank == 0:
+    ckpt = None
+    if rank == 0:
+        _wait_for_upload(step)
+        staging = tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-")
+        try:
             state = checkpoint.training_state(step_fn, step, list(rngs), cfg.to_dict(), ema.module if ema else None,
                                               evaluation)
             if cfg.data.streams:
@@ -144,11 +177,19 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
             if logger:  # what MLflow does not have yet survives a rank 0 that dies holding it
                 tracking.write_held(logger.held(), staging)
             check_room(cfg.ray.storage_path, staging, step)
-            ckpt = ray.train.Checkpoint.from_directory(staging)
-        # Ray Train's report blocks until its controller polls, so it is called only with checkpoints;
-        # per-step metrics go to MLflow directly.
-        ray.train.report({**metrics, **extra}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}",
-                         validation=score and ckpt is not None)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        ckpt = ray.train.Checkpoint.from_directory(staging)
+    # Ray Train's report waits for its controller to poll, so it is called only with checkpoints (in ASYNC mode that
+    # wait is in the upload thread too); per-step metrics go to MLflow directly.
+    upload_async = {"auto": step_fn.device.type == "cuda", "async": True, "sync": False}[cfg.train.checkpoint_upload]
+    mode = ray.train.CheckpointUploadMode.ASYNC if upload_async and not wait else ray.train.CheckpointUploadMode.SYNC
+    fenced = mode == ray.train.CheckpointUploadMode.ASYNC and watch and watch.fence  # SYNC: checked just before
+    upload = _fenced_upload(watch, request, cfg.train.run_name, step) if fenced else None
+    ray.train.report({**metrics, **extra}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}",
+                     checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True,
+                     checkpoint_upload_fn=upload, validation=score and ckpt is not None)
 
 
 ROOM_MARGIN = 1 << 20  # for Ray's own small files beside the checkpoint
@@ -399,7 +440,8 @@ def run_loop(loop_config: dict) -> None:
                 logger.flush()
             if save_now:
                 save_checkpoint(step_fn, ema, batches, cfg, step, start, rank, metrics, evaluation, logger,
-                                data, score=eval_now and not evaluator)
+                                data, score=eval_now and not evaluator, wait=preempted, watch=watch,
+                                request=loop_config.get("stop_request"))
         if sample_now:
             if shown is None:
                 shown = shown_generator(step_fn.g, ema.module if ema else None, m.nz, cfg.metrics.seed)

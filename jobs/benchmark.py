@@ -7,7 +7,7 @@
     python jobs/benchmark.py data                 # shard build, streaming (local, S3), JPEG decode (CPU, nvJPEG)
     python jobs/benchmark.py scaling              # compute + allreduce per step, predicted efficiency, 1-64 GPUs
     python jobs/benchmark.py scaling --hosts      # the allreduce between two bed hosts on 1 and 4 Gbit/s links (root)
-    python jobs/benchmark.py eval-overhead        # training steps/s: evaluation off, in the loop, beside training
+    python jobs/benchmark.py eval-overhead        # training steps/s: evaluation off, in the loop, beside; checkpoints
     python jobs/benchmark.py gpu --device cpu     # the first-GPU-run script, checked without a GPU
     python jobs/benchmark.py tracking-load        # 1-64 trials logging to one MLflow server with basic auth
     python jobs/benchmark.py soak                 # 45 minutes on 300,000 images from S3: does anything grow?
@@ -57,10 +57,11 @@ def main() -> int:
     rp.add_argument("--workdir", help="keep the run's MLflow store and checkpoints here (default: a temporary folder)")
     rp.add_argument("--json", help="write the rows to this file")
     ep = sub.add_parser("eval-overhead", help="training steps/s with evaluation off, scored in the loop, and scored "
-                        "beside training (Ray Train's checkpoint validation)")
+                        "beside training (Ray Train's checkpoint validation); and with frequent checkpoints")
     ep.add_argument("--steps", type=int, default=300)
     ep.add_argument("--eval-every", type=int, default=50)
     ep.add_argument("--num-images", type=int, default=2048, help="generated images per evaluation")
+    ep.add_argument("--checkpoint-every", type=int, default=10, help="the checkpoints row's interval (no evaluation)")
     ep.add_argument("--workdir", help="keep the runs' MLflow store and checkpoints here (default: a temporary folder)")
     ep.add_argument("--json", help="write the rows to this file")
     gp = sub.add_parser("gpu", help="the first GPU run in one go (make bench-gpu): preflight, step table, training "
@@ -87,6 +88,9 @@ def main() -> int:
     tp.add_argument("--grid-every", type=int, default=10, help="a sample grid every this many batches")
     tp.add_argument("--cache-ttls", type=int, nargs="+", default=[0, 60],
                     help="the server's MLFLOW_AUTH_CACHE_TTL_S values to compare (0: the password hash every request)")
+    tp.add_argument("--stores", nargs="+", default=["sqlite"], choices=["sqlite", "postgres"],
+                    help="the server's store: its sqlite file, or a PostgreSQL on a local socket (pgserver)")
+    tp.add_argument("--workers", type=int, default=1, help="MLflow server processes (MLFLOW_WORKERS)")
     tp.add_argument("--workdir", help="where the servers' state goes (default: a temporary folder)")
     tp.add_argument("--json", help="write the rows to this file")
     kp = sub.add_parser("soak", help="a long run from a loopback S3 of LSUN-scale shards with MLflow (basic auth, S3 "
@@ -130,7 +134,8 @@ def main() -> int:
         print_table(gpu.summary_rows(result))
         return 1 if result["errors"] else 0
     elif args.what == "eval-overhead":
-        rows = eval_overhead.bench_eval_overhead(args.steps, args.eval_every, args.num_images, workdir=args.workdir)
+        rows = eval_overhead.bench_eval_overhead(args.steps, args.eval_every, args.num_images,
+                                                 checkpoint_every=args.checkpoint_every, workdir=args.workdir)
     elif args.what == "soak":
         result = soak.bench_soak(args.images, args.minutes, args.sample_s, args.warmup_min, args.out, args.workdir,
                                  tuple(args.overrides))
@@ -138,7 +143,7 @@ def main() -> int:
         return 0 if result["exit_code"] == 143 and not result["ended_early"] else 1
     elif args.what == "tracking-load":
         rows = tracking_load.bench_tracking_load(args.trials, args.seconds, args.log_every_s, args.grid_every,
-                                                 args.cache_ttls, args.workdir)
+                                                 args.cache_ttls, args.workdir, args.stores, args.workers)
     elif args.what == "ray-overhead":
         rows = ray_overhead.bench_ray_overhead(args.steps, args.batch, args.resolution, args.log_every,
                                                args.workdir)

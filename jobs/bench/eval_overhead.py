@@ -1,5 +1,6 @@
-"""What evaluation costs the training ranks: steps/s with no evaluation, with scoring in the loop (every rank waits,
-as searches still do), and with scoring beside training (Ray Train's checkpoint validation, the default)."""
+"""What evaluation and checkpoints cost the training ranks: steps/s with no evaluation, with scoring in the loop
+(every rank waits, as searches still do), with scoring beside training (Ray Train's checkpoint validation, the
+default), and with a checkpoint every few steps, uploaded in the step or by Ray's thread beside training."""
 
 from __future__ import annotations
 
@@ -33,12 +34,12 @@ def _one_run(overrides: list[str], mode: str, steps: int) -> dict:
 
 
 def bench_eval_overhead(steps: int = 300, eval_every: int = 50, num_images: int = 2048, batch: int = 64,
-                        workdir: str | None = None) -> list[dict]:
+                        checkpoint_every: int = 10, workdir: str | None = None) -> list[dict]:
     """One worker (all CPUs but the scoring task's one) on the digits at 32x32; each mode its own run. On a GPU the
     in-loop cost is the same seconds per evaluation against ~100x faster steps."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="dcgan-bench-eval-") as tmp:
-            return bench_eval_overhead(steps, eval_every, num_images, batch, tmp)
+            return bench_eval_overhead(steps, eval_every, num_images, batch, checkpoint_every, tmp)
     import os
 
     work = Path(workdir)
@@ -50,6 +51,10 @@ def bench_eval_overhead(steps: int = 300, eval_every: int = 50, num_images: int 
     rows = [_one_run([*base, "train.eval_every=0"], "off", steps)]
     for mode in ("in_loop", "beside"):
         rows.append(_one_run([*base, f"train.eval_every={eval_every}"], mode, steps))
+    for upload in ("sync", "async"):  # the step waits for each upload, or Ray's thread uploads beside training
+        rows.append(_one_run([*base, "train.eval_every=0", f"train.checkpoint_every={checkpoint_every}",
+                              f"train.checkpoint_upload={upload}"], f"checkpoints_every_{checkpoint_every}_{upload}",
+                             steps))
     for row in rows:
         row["vs_off"] = round(row["steps_per_s"] / rows[0]["steps_per_s"], 3)
     return rows
