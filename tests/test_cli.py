@@ -313,6 +313,51 @@ def test_ray_overhead_benchmark_reports_startup_and_steady_state(local_ray, tmp_
     assert set(Path(tempfile.gettempdir()).glob("dcgan-bench-ray-*")) == left
 
 
+def test_tracking_load_benchmark_reports_what_one_authenticated_server_answered(tmp_path):
+    """1 and 2 simulated trials against cluster/start_mlflow.sh with basic auth and the login cache on: one row
+    each, every point arrived (read back from the server by the benchmark), the server's CPU per request and the
+    senders' latencies measured."""
+    out = tmp_path / "load.json"
+    r = job_subprocess("benchmark.py", "tracking-load", "--trials", "1", "2", "--seconds", "4", "--log-every-s",
+                       "0.5", "--grid-every", "4", "--cache-ttls", "60", "--workdir", str(tmp_path), "--json",
+                       str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(row["auth_cache_ttl_s"], row["trials"]) for row in rows] == [(60, 1), (60, 2)]
+    for row in rows:
+        assert row["all_arrived"] and row["backlog_at_end"] == 0, row
+        assert row["offered_batches_per_s"] == row["trials"] / 0.5
+        assert row["requests_per_s"] > 0 and row["points_per_s"] > 0 and row["server_cpu_ms_per_request"] > 0
+        assert 0 < row["send_p50_ms"] <= row["send_p99_ms"]
+    assert not list(tmp_path.glob("tmp*"))  # the servers' state goes with the run
+
+
+def test_soak_benchmark_samples_every_process_and_checks_each_image_and_step(tmp_path):
+    """Two minutes of the soak on 1,100 images (the job's first minute is its start: every shard checked in S3,
+    Ray, the workers): more than 1,000 shards in the loopback S3 (its listings paginate), the driver's own Ray with
+    2 training workers sampled, exit 143 at SIGTERM, every logged step once and every image taken as often as
+    every other (+-1) over the epochs so far."""
+    out = tmp_path / "soak"
+    r = job_subprocess("benchmark.py", "soak", "--images", "1100", "--minutes", "2", "--sample-s", "10",
+                       "--warmup-min", "0", "--out", str(out), "--set", "model.ngf=16", "--set", "model.ndf=16",
+                       timeout=420)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    result = json.loads((out / "soak.json").read_text())
+    assert result["shards"] > 1000 and result["exit_code"] == 143 and not result["ended_early"]
+    samples = result["samples"]
+    assert len(samples) >= 10 and all(s["driver.processes"] == 1 for s in samples)
+    assert max(s["train_workers.processes"] for s in samples) == 2  # found in the driver's process tree
+    assert all(s["mlflow_server.rss_mb"] > 0 and s["s3_server.rss_mb"] > 0 for s in samples)
+    assert set(result["growth_pct_per_hour"]) == set(result["growth_per_hour"]) >= {"train_workers.rss_mb", "tmp_mb"}
+    mlflow, images = result["mlflow"], result["images_taken"]
+    assert mlflow["logged_steps"] >= 1 and mlflow["duplicated_steps"] == mlflow["missing_steps"] == 0
+    assert images["images_taken"] == 128 * images["steps_in_key_log"]  # 2 workers x batch 64, every step once
+    times = {int(k): n for k, n in images["times_taken"].items()}  # times an image was taken -> how many images
+    assert sum(k * n for k, n in times.items()) == images["images_taken"] and max(times) - min(times) <= 1
+    assert images["distinct_images"] == min(1100, images["images_taken"]) and images["even"]
+    assert (out / "soak.png").stat().st_size > 0 and b"step" in (out / "train.log").read_bytes()
+
+
 @pytest.mark.parametrize("job", ["train.py", "tune.py", "evaluate.py", "sample.py", "experiments.py",
                                  "prepare_data.py", "benchmark.py"])
 def test_every_jobs_help_ends_with_examples(job, tmp_path):

@@ -101,6 +101,30 @@ def test_basic_auth_rejects_anonymous_clients_and_accepts_credentials(tmp_path, 
         server.stop()
 
 
+def test_a_postgresql_store_holds_the_runs_as_start_mlflow_documents(tmp_path_factory, tmp_path, digits_dir):
+    """start_mlflow.sh with MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://... (a real PostgreSQL: pgserver's
+    bundled binaries on a local socket) and two server processes, as a head that outgrew sqlite runs it: a run's
+    metrics are rows of PostgreSQL's tables, and no sqlite file appears."""
+    from bench.tracking_load import postgres_store
+
+    database, uri = postgres_store(tmp_path_factory.mktemp("pg"))
+    server = MlflowServer(tmp_path / "server", env={"MLFLOW_BACKEND_STORE_URI": uri, "MLFLOW_WORKERS": "2"})
+    try:
+        cfg = load_config(overrides=tiny_overrides(tmp_path, digits_dir, **{"tracking.uri": server.url}))
+        run_id, _ = tracking.start_run(cfg, "on-postgres")
+        logger = tracking.RunLogger(server.url, run_id)
+        for step in (1, 2, 3):
+            logger.add(step, {"loss_d": 0.5})
+        assert logger.close() == 0
+        assert steps(MlflowClient(server.url), run_id) == [1, 2, 3]
+        rows = database.psql(f"\\c mlflow\nSELECT step FROM metrics WHERE run_uuid = '{run_id}' ORDER BY step;\n")
+        assert [int(x) for x in rows.split() if x.isdigit()] == [1, 2, 3], rows
+        assert not list((tmp_path / "server").glob("*.db"))
+    finally:
+        server.stop()
+        database.cleanup()
+
+
 def write_login(path, user: str, password: str):
     path.write_text(f"[mlflow]\nmlflow_tracking_username = {user}\nmlflow_tracking_password = {password}\n")
     return path

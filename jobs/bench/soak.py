@@ -6,8 +6,9 @@ objects (S3 listings paginate), starts MLflow with basic auth and its artifacts 
 stops it as `ray job stop` does (SIGTERM: a checkpoint, then exit 143). Every `sample_s` it records each role's
 RSS, open file descriptors and threads (driver, training workers, their DataLoader workers, Ray's own processes,
 the MLflow server, the S3 server), the temp folder's size, the MLflow database's size and images/s. It writes
-soak.json and soak.png and prints, per figure, its growth after warm-up in % per hour. At the end: every logged
-step in MLflow exactly once, and every image taken the same number of times (+-1) across the epoch(s) so far.
+soak.json and soak.png and prints, per figure, its growth after warm-up per hour, in % and in its own units, and
+what fills the temp folder. At the end: every logged step in MLflow exactly once, and every image taken the same
+number of times (+-1) across the epoch(s) so far.
 """
 
 from __future__ import annotations
@@ -83,14 +84,32 @@ def _size_mb(path: Path) -> float:
     return round(total / 2**20, 1)
 
 
-def growth_per_hour(times_s: list[float], values: list[float], warmup_s: float) -> float | None:
-    """The least-squares slope of `values` after warm-up, as % of their mean per hour (None: too few samples)."""
+def growth_per_hour(times_s: list[float], values: list[float], warmup_s: float, percent: bool = True
+                    ) -> float | None:
+    """The least-squares slope of `values` after warm-up per hour, as % of their mean or in their own units (a
+    percentage alone misleads for a figure that starts near zero, like a fresh temp folder). None: too few samples."""
     t = np.array([x for x in times_s if x >= warmup_s])
     v = np.array([y for x, y in zip(times_s, values) if x >= warmup_s], dtype=float)
-    if len(t) < 3 or not v.mean():
+    if len(t) < 3 or (percent and not v.mean()):
         return None
     slope = np.polyfit(t / 3600, v, 1)[0]
-    return round(100 * slope / abs(v.mean()), 1)
+    return round(100 * slope / abs(v.mean()) if percent else slope, 1)
+
+
+def _largest(folder: Path, n: int = 8) -> dict[str, float]:
+    """The folders directly under `folder`'s subfolders that hold the most (MiB): what a growing temp folder holds."""
+    def folders(p: Path) -> list[Path]:
+        return [c for c in p.iterdir() if c.is_dir() and not c.is_symlink()]
+
+    sizes = {str(p.relative_to(folder)): _size_mb(p) for top in folders(folder) for p in [top, *folders(top)]
+             } if folder.is_dir() else {}
+    return dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:n])
+
+
+def _growth(samples: list[dict], warmup_s: float, percent: bool) -> dict:
+    keys = [k for k in samples[0] if k != "t_s" and not k.endswith(".processes")] if samples else []
+    return {k: growth_per_hour([s["t_s"] for s in samples], [s.get(k) or 0 for s in samples], warmup_s, percent)
+            for k in keys}
 
 
 def _plot(samples: list[dict], path: Path) -> None:
@@ -199,10 +218,9 @@ def bench_soak(images: int = 300_000, minutes: float = 45, sample_s: float = 30,
         result = {"images": images, "shards": len(manifest["shards"]), "prepare_s": round(prepared_s),
                   "minutes": minutes, "exit_code": code, "ended_early": crashed is not None,
                   "settings": settings, "samples": samples,
-                  "growth_pct_per_hour": {k: growth_per_hour([s["t_s"] for s in samples],
-                                                             [s.get(k) or 0 for s in samples], warmup_min * 60)
-                                          for k in samples[0] if k != "t_s" and not k.endswith(".processes")}
-                  if samples else {},
+                  "growth_pct_per_hour": _growth(samples, warmup_min * 60, percent=True),
+                  "growth_per_hour": _growth(samples, warmup_min * 60, percent=False),
+                  "tmp_largest_mb": _largest(work / "tmp"),
                   "mlflow": _exactly_once(client, run_id, log_every) if run_id else None,
                   "images_taken": _image_counts(work / "keys", manifest["num_images"])}
     finally:

@@ -143,21 +143,42 @@ def auth_server(folder: Path, env: dict | None = None):
     return server, {"MLFLOW_TRACKING_USERNAME": "trainer", "MLFLOW_TRACKING_PASSWORD": trainer_password}
 
 
+def postgres_store(folder: Path):
+    """A PostgreSQL server on a unix socket in `folder` (pgserver's bundled binaries: nothing to install on the
+    machine) with an empty `mlflow` database. Returns the server and the store URI start_mlflow.sh takes."""
+    import pgserver
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(str(folder), cleanup_mode="stop")
+    server.psql("CREATE DATABASE mlflow;")
+    return server, f"postgresql+psycopg2://postgres:@/mlflow?host={folder}"
+
+
 def bench_tracking_load(trials=(1, 8, 32, 64), seconds: float = 60, log_every_s: float = 2.0, grid_every: int = 10,
-                        cache_ttls=(0, 60), workdir: str | None = None) -> list[dict]:
+                        cache_ttls=(0, 60), workdir: str | None = None, stores=("sqlite",), workers: int = 1
+                        ) -> list[dict]:
+    """One server per (store, cache ttl), `workers` MLflow server processes (MLFLOW_WORKERS) each."""
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for ttl in cache_ttls:
-            server, login = auth_server(Path(tmp) / f"ttl{ttl}", {"MLFLOW_AUTH_CACHE_TTL_S": str(ttl)})
-            try:
-                os.environ.update(login)
-                for n in trials:
-                    row = {"auth_cache_ttl_s": ttl, **measure(server, server.url, n, seconds, log_every_s,
-                                                              grid_every)}
-                    print(row, flush=True)
-                    rows.append(row)
-            finally:
-                for k in login:
-                    os.environ.pop(k, None)
-                server.stop()
+        for store in stores:
+            for ttl in cache_ttls:
+                folder = Path(tmp) / f"{store}-ttl{ttl}"
+                env = {"MLFLOW_AUTH_CACHE_TTL_S": str(ttl), "MLFLOW_WORKERS": str(workers)}
+                database = None
+                if store == "postgres":
+                    database, env["MLFLOW_BACKEND_STORE_URI"] = postgres_store(folder / "pg")
+                server, login = auth_server(folder, env)
+                try:
+                    os.environ.update(login)
+                    for n in trials:
+                        row = {"store": store, "workers": workers, "auth_cache_ttl_s": ttl,
+                               **measure(server, server.url, n, seconds, log_every_s, grid_every)}
+                        print(row, flush=True)
+                        rows.append(row)
+                finally:
+                    for k in login:
+                        os.environ.pop(k, None)
+                    server.stop()
+                    if database:
+                        database.cleanup()
     return rows
