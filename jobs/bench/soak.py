@@ -2,8 +2,9 @@
 
 Builds a synthetic LSUN-format LMDB at 64x64, shards it into a loopback S3 (moto's server) in more than 1,000
 objects (S3 listings paginate), starts MLflow with basic auth and its artifacts in that S3, and runs
-`jobs/train.py` (2 workers, streaming from S3, evaluation, checkpoints and sample grids on) for `minutes`, then
-stops it as `ray job stop` does (SIGTERM: a checkpoint, then exit 143). Every `sample_s` it records each role's
+`jobs/train.py` (2 workers, streaming from S3, evaluation, checkpoints and sample grids on) for `minutes` from
+when both training workers are up, then stops it as `ray job stop` does (SIGTERM: a checkpoint, then exit 143).
+Every `sample_s` it records each role's
 RSS, open file descriptors and threads (driver, training workers, their DataLoader workers, Ray's own processes,
 the MLflow server, the S3 server), the temp folder's size, the MLflow database's size and images/s. It writes
 soak.json and soak.png and prints, per figure, its growth after warm-up per hour, in % and in its own units, and
@@ -28,6 +29,7 @@ import numpy as np
 from bench import JOBS
 from bench.tracking_load import auth_server
 
+START_S = 900  # the job's start (Ray, every shard checked in S3, the workers) must end within this
 ROLES = ("driver", "train_workers", "dataloader_workers", "ray_processes", "mlflow_server", "s3_server")
 KINDS = ("rss_mb", "fds", "threads")
 
@@ -198,7 +200,8 @@ def bench_soak(images: int = 300_000, minutes: float = 45, sample_s: float = 30,
     client = MlflowClient(server.url)
     run_id = None
     try:
-        while time.time() - t_start < minutes * 60 and driver.poll() is None:
+        t_train = None  # `minutes` count from the first sample with both training workers up, not from the launch
+        while driver.poll() is None and time.time() - (t_train or t_start) < (minutes * 60 if t_train else START_S):
             time.sleep(sample_s)
             if run_id is None:
                 found = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id],
@@ -212,11 +215,14 @@ def bench_soak(images: int = 300_000, minutes: float = 45, sample_s: float = 30,
                             "mlflow_db_mb": _size_mb(work / "mlflow" / "state" / "mlflow.db"),
                             "images_per_s": ips})
             print(json.dumps(samples[-1]), flush=True)
+            if t_train is None and samples[-1]["train_workers.processes"] >= 2:
+                t_train = time.time()
         crashed = driver.poll()
         driver.send_signal(signal.SIGTERM)  # as `ray job stop` does: a checkpoint, then exit 143
         code = driver.wait(timeout=600)
         result = {"images": images, "shards": len(manifest["shards"]), "prepare_s": round(prepared_s),
-                  "minutes": minutes, "exit_code": code, "ended_early": crashed is not None,
+                  "minutes": minutes, "exit_code": code, "ended_early": crashed is not None or t_train is None,
+                  "training_started_s": round(t_train - t_start, 1) if t_train else None,
                   "settings": settings, "samples": samples,
                   "growth_pct_per_hour": _growth(samples, warmup_min * 60, percent=True),
                   "growth_per_hour": _growth(samples, warmup_min * 60, percent=False),
