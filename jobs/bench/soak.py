@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,7 +192,9 @@ def bench_soak(images: int = 300_000, minutes: float = 45, sample_s: float = 30,
                 "train.sample_every=500", "train.eval_every=1000", "metrics.num_images=512",
                 f"metrics.cache_dir={work / 'cache'}", f"train.key_log={work / 'keys'}", "train.run_name=soak",
                 f"tracking.uri={server.url}", "ray.storage_path=s3://soak/ckpt", *overrides]
-    env = {**os.environ, **login, "TMPDIR": str(work / "tmp")}
+    # Ray's sockets live in its temp folder and a socket's path may not exceed 107 bytes: a short folder of its own
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir=tempfile.gettempdir()))
+    env = {**os.environ, **login, "TMPDIR": str(work / "tmp"), "RAY_TMPDIR": str(ray_tmp)}
     cmd = [sys.executable, str(JOBS / "train.py")] + [a for s in settings for a in ("--set", s)]
     samples, t_start = [], time.time()
     with open(work / "train.log", "wb") as job_log:
@@ -211,7 +214,7 @@ def bench_soak(images: int = 300_000, minutes: float = 45, sample_s: float = 30,
             ips = client.get_run(run_id).data.metrics.get("images_per_s") if run_id else None
             samples.append({"t_s": round(time.time() - t_start, 1),
                             **_sample(driver.pid, {"mlflow_server": server.proc.pid, "s3_server": moto.proc.pid}),
-                            "tmp_mb": _size_mb(work / "tmp"),
+                            "tmp_mb": round(_size_mb(work / "tmp") + _size_mb(ray_tmp), 1),
                             "mlflow_db_mb": _size_mb(work / "mlflow" / "state" / "mlflow.db"),
                             "images_per_s": ips})
             print(json.dumps(samples[-1]), flush=True)
@@ -226,7 +229,7 @@ def bench_soak(images: int = 300_000, minutes: float = 45, sample_s: float = 30,
                   "settings": settings, "samples": samples,
                   "growth_pct_per_hour": _growth(samples, warmup_min * 60, percent=True),
                   "growth_per_hour": _growth(samples, warmup_min * 60, percent=False),
-                  "tmp_largest_mb": _largest(work / "tmp"),
+                  "tmp_largest_mb": {**_largest(work / "tmp"), **_largest(ray_tmp)},
                   "mlflow": _exactly_once(client, run_id, log_every) if run_id else None,
                   "images_taken": _image_counts(work / "keys", manifest["num_images"])}
     finally:
@@ -234,6 +237,7 @@ def bench_soak(images: int = 300_000, minutes: float = 45, sample_s: float = 30,
             driver.kill()
         server.stop()
         moto.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "soak.json").write_text(json.dumps(result, indent=2))
