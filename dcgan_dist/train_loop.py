@@ -130,13 +130,24 @@ def _wait_for_upload(step: int) -> None:
         time.sleep(0.02)
 
 
+def run_lost(run_name: str, why: str, step: int) -> RunBusy:
+    """What a job that lost its run to another says, wherever it noticed."""
+    return RunBusy(f"run {run_name!r}: {why}; this job stopped writing at step {step}")
+
+
+def upload_in_background(mode: str, device: torch.device) -> bool:
+    """`train.checkpoint_upload`: auto uploads beside training on GPUs (an upload of seconds is hundreds of steps
+    there) and in the step on CPUs, where beside training measured no faster (docs/performance.md)."""
+    return {"auto": device.type == "cuda", "async": True, "sync": False}[mode]
+
+
 def _fenced_upload(watch: LeaseWatch, request, run_name: str, step: int):
     """Ray's upload thread writes a checkpoint some time after rank 0 staged it (behind the upload before it): the
     run's lease is read again right before the write, so a job that has lost its run writes nothing more. The
     error is recorded with the job first, so the group Ray restarts for it leaves at once."""
     def upload(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         if why := watch.lost(before_a_write=True):
-            error = RunBusy(f"run {run_name!r}: {why}; this job stopped writing at step {step}")
+            error = run_lost(run_name, why, step)
             report_fatal(request, error)
             raise error
         return ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
@@ -145,11 +156,11 @@ def _fenced_upload(watch: LeaseWatch, request, run_name: str, step: int):
 
 def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Config, step: int, start: int,
                     rank: int, metrics: dict, evaluation: dict | None, logger: tracking.RunLogger | None,
-                    data: dict, score: bool = False, wait: bool = False, watch: LeaseWatch | None = None,
-                    request=None) -> None:
+                    data: dict, upload_async: bool, score: bool = False, wait: bool = False,
+                    watch: LeaseWatch | None = None, request=None) -> None:
     """Report this step's metrics to Ray with rank 0's checkpoint; `data`: what it was trained on
     (`data_identity`); `score`: Ray's validation task scores it beside training (`evaluation.score_checkpoint`).
-    With `train.checkpoint_upload` async, Ray uploads it in its own thread while the ranks train on (at GPU speed
+    `upload_async` (`upload_in_background`): Ray uploads it in its own thread while the ranks train on (at GPU speed
     an upload of a few seconds is hundreds of steps), one upload at a time and in order; either way Ray removes the
     staged folder once it is in storage, and the next checkpoint waits for that, so nothing accumulates in the
     node's /tmp. A training function that returns waits for the last upload; `wait`: this one is waited for here
@@ -164,7 +175,8 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
     _remove_stale_staging()
     ckpt = None
     if rank == 0:
-        _wait_for_upload(step)
+        if upload_async:  # in the step, Ray removed the last staged folder before report returned
+            _wait_for_upload(step)
         staging = tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-")
         try:
             state = checkpoint.training_state(step_fn, step, list(rngs), cfg.to_dict(), ema.module if ema else None,
@@ -183,7 +195,6 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
         ckpt = ray.train.Checkpoint.from_directory(staging)
     # Ray Train's report waits for its controller to poll, so it is called only with checkpoints (in ASYNC mode that
     # wait is in the upload thread too); per-step metrics go to MLflow directly.
-    upload_async = {"auto": step_fn.device.type == "cuda", "async": True, "sync": False}[cfg.train.checkpoint_upload]
     mode = ray.train.CheckpointUploadMode.ASYNC if upload_async and not wait else ray.train.CheckpointUploadMode.SYNC
     fenced = mode == ray.train.CheckpointUploadMode.ASYNC and watch and watch.fence  # SYNC: checked just before
     upload = _fenced_upload(watch, request, cfg.train.run_name, step) if fenced else None
@@ -313,6 +324,7 @@ def run_loop(loop_config: dict) -> None:
     m, t = cfg.model, cfg.train
 
     step_fn = GANStep.from_config(cfg, device, sync_batchnorm=t.sync_batchnorm and world > 1)
+    upload_async = upload_in_background(t.checkpoint_upload, device)
     ema = GeneratorEMA(step_fn.g, t.ema_decay) if t.ema_decay > 0 else None
     start, resumed, skipped = 1, None, []
     own = ray.train.get_checkpoint()
@@ -404,7 +416,7 @@ def run_loop(loop_config: dict) -> None:
                 if rank == 0:
                     log.error("rank 0: %s; leaving at step %d without a checkpoint", fenced, step)
                     report_fatal(loop_config.get("stop_request"),
-                                 RunBusy(f"run {t.run_name!r}: {fenced}; this job stopped writing at step {step}"))
+                                 run_lost(t.run_name, fenced, step))
                 if logger:
                     logger.abandon()
                     logger = None
@@ -440,7 +452,7 @@ def run_loop(loop_config: dict) -> None:
                 logger.flush()
             if save_now:
                 save_checkpoint(step_fn, ema, batches, cfg, step, start, rank, metrics, evaluation, logger,
-                                data, score=eval_now and not evaluator, wait=preempted, watch=watch,
+                                data, upload_async, score=eval_now and not evaluator, wait=preempted, watch=watch,
                                 request=loop_config.get("stop_request"))
         if sample_now:
             if shown is None:
