@@ -35,6 +35,7 @@ from dcgan_dist.ema import GeneratorEMA, shown_generator
 from dcgan_dist.errors import CheckpointError, DataError, RunBusy
 from dcgan_dist.evaluation import UNSCORED
 from dcgan_dist.lease import LeaseWatch
+from dcgan_dist.malloc_arenas import cap_malloc_arenas
 from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
@@ -319,7 +320,8 @@ def run_loop(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    log.info("rank %d of %d on node %s, pid %d", rank, world, ray.util.get_node_ip_address(), os.getpid())
+    log.info("rank %d of %d on node %s, pid %d, malloc arenas %s", rank, world, ray.util.get_node_ip_address(),
+             os.getpid(), cap_malloc_arenas())  # before the loop's threads start: the uploads', the streams'
     device = ray.train.torch.get_device()
     m, t = cfg.model, cfg.train
 
