@@ -35,7 +35,7 @@ from dcgan_dist.ema import GeneratorEMA, shown_generator
 from dcgan_dist.errors import CheckpointError, DataError, RunBusy
 from dcgan_dist.evaluation import UNSCORED
 from dcgan_dist.lease import LeaseWatch
-from dcgan_dist.malloc_arenas import cap_malloc_arenas
+from dcgan_dist.malloc_tuning import cap_malloc_arenas, release_free_memory
 from dcgan_dist.metrics.evaluator import Evaluator
 from dcgan_dist.models import latents
 from dcgan_dist.step import GANStep
@@ -202,6 +202,7 @@ def save_checkpoint(step_fn: GANStep, ema: GeneratorEMA | None, batches, cfg: Co
     ray.train.report({**metrics, **extra}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}",
                      checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True,
                      checkpoint_upload_fn=upload, validation=score and ckpt is not None)
+    release_free_memory()  # the state's serialization (and in the step, its upload) freed hundreds of MiB
 
 
 ROOM_MARGIN = 1 << 20  # for Ray's own small files beside the checkpoint
