@@ -98,7 +98,8 @@ def main() -> int:
     kp.add_argument("--images", type=int, default=300_000, help="images in the synthetic LSUN-format LMDB (64x64)")
     kp.add_argument("--minutes", type=float, default=45)
     kp.add_argument("--sample-s", type=float, default=30, help="seconds between samples")
-    kp.add_argument("--warmup-min", type=float, default=5, help="minutes left out of the growth figures")
+    kp.add_argument("--warmup-min", type=float, default=5,
+                    help="minutes of training (from when both workers are up) left out of the growth figures")
     kp.add_argument("--out", default="outputs/soak", help="where soak.json, soak.png and train.log go")
     kp.add_argument("--workdir", help="keep the LMDB, the servers' state and Ray's temp folder here")
     kp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

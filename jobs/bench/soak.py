@@ -225,12 +225,15 @@ def bench_soak(images: int = 300_000, minutes: float = 45, sample_s: float = 30,
         crashed = driver.poll()
         driver.send_signal(signal.SIGTERM)  # as `ray job stop` does: a checkpoint, then exit 143
         code = driver.wait(timeout=600)
+        # The warm-up is the first minutes of training, not of the launch (Ray, the shards' check, the workers)
+        warmup_s = (t_train - t_start if t_train else 0) + warmup_min * 60
         result = {"images": images, "shards": len(manifest["shards"]), "prepare_s": round(prepared_s),
                   "minutes": minutes, "exit_code": code, "ended_early": crashed is not None or t_train is None,
                   "training_started_s": round(t_train - t_start, 1) if t_train else None,
                   "settings": settings, "samples": samples,
-                  "growth_pct_per_hour": _growth(samples, warmup_min * 60, percent=True),
-                  "growth_per_hour": _growth(samples, warmup_min * 60, percent=False),
+                  "warmup_ends_s": round(warmup_s, 1),
+                  "growth_pct_per_hour": _growth(samples, warmup_s, percent=True),
+                  "growth_per_hour": _growth(samples, warmup_s, percent=False),
                   "tmp_largest_mb": {**_largest(work / "tmp"), **_largest(ray_tmp)},
                   "mlflow": _exactly_once(client, run_id, log_every) if run_id else None,
                   "images_taken": _image_counts(work / "keys", manifest["num_images"])}
