@@ -23,6 +23,7 @@ from dcgan_dist.config import Config, from_dict, set_key
 from dcgan_dist.ema import generator_from_state
 from dcgan_dist.data.loader import resolve_shards
 from dcgan_dist.errors import ConfigError, TrackingError
+from dcgan_dist.malloc_tuning import cap_malloc_arenas, release_free_memory
 from dcgan_dist.metrics.evaluator import Evaluator, Protocol, eval_noise, fake_images
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def score_checkpoint(checkpoint, config: dict, run_id: str, driver_ip: str) -> d
     checkpoint: {"score", each value, "evaluation": {"values", "protocols"}}."""
     import ray
 
+    cap_malloc_arenas()  # a pooled Ray worker, kept between evaluations with what it allocated (malloc_tuning.py)
     cfg = from_dict(config)
     with checkpoint.as_directory() as folder:
         state = checkpoints.load(folder)
@@ -78,6 +80,7 @@ def score_checkpoint(checkpoint, config: dict, run_id: str, driver_ip: str) -> d
                          tags=[RunTag(f"protocol.{k}", v) for k, v in keys.items()])
     log.info("step %d scored beside training: %s", step, "  ".join(f"{k} {v:.3f}" for k, v in values.items()
                                                                    if "_" not in k))
+    release_free_memory()  # the generated images and features it freed, before the worker idles until the next
     return {"score": values.get(cfg.tune.metric, UNSCORED), **values,
             "evaluation": {"values": values, "protocols": keys}}
 
