@@ -30,7 +30,7 @@ import numpy as np
 from bench import JOBS
 from bench.tracking_load import auth_server
 
-START_S = 900  # the job's start (Ray, every shard checked in S3, the workers) must end within this
+START_S = 900  # the job's start (Ray, the shards listed in S3, the workers) must end within this
 ROLES = ("driver", "train_workers", "dataloader_workers", "ray_processes", "mlflow_server", "s3_server")
 KINDS = ("rss_mb", "fds", "threads")
 
@@ -225,11 +225,11 @@ def bench_soak(images: int = 300_000, minutes: float = 45, sample_s: float = 30,
         crashed = driver.poll()
         driver.send_signal(signal.SIGTERM)  # as `ray job stop` does: a checkpoint, then exit 143
         code = driver.wait(timeout=600)
-        # The warm-up is the first minutes of training, not of the launch (Ray, the shards' check, the workers)
-        warmup_s = (t_train - t_start if t_train else 0) + warmup_min * 60
+        started_s = t_train - t_start if t_train else None
+        warmup_s = (started_s or 0) + warmup_min * 60  # the first minutes of training, not of the launch
         result = {"images": images, "shards": len(manifest["shards"]), "prepare_s": round(prepared_s),
                   "minutes": minutes, "exit_code": code, "ended_early": crashed is not None or t_train is None,
-                  "training_started_s": round(t_train - t_start, 1) if t_train else None,
+                  "training_started_s": round(started_s, 1) if started_s else None,
                   "settings": settings, "samples": samples,
                   "warmup_ends_s": round(warmup_s, 1),
                   "growth_pct_per_hour": _growth(samples, warmup_s, percent=True),
