@@ -87,6 +87,12 @@ def s3_keys(cluster: BedCluster, bucket: str, prefix: str = "") -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
+# Ray's client proxy forks its per-client server from a threaded gRPC process, and the child dies at birth in a few
+# percent of connects, whatever the token (ray-project/ray#63202, open in Ray 2.60); the proxy then answers with one of
+# these. Each token gets up to three tries, so that it is judged on the token alone; any other answer counts at once.
+RAY_CLIENT_SPAWN_RACE = ("ZombieProcess", "Starting Ray client server failed", "SpecificServer startup failed")
+
+
 def test_outsiders_and_clients_without_credentials_are_refused(cluster):
     """A host on the same network but not in the cluster, and a cluster node without the MLflow login."""
     outsider = cluster.bed["outsider"]
@@ -124,13 +130,17 @@ def test_outsiders_and_clients_without_credentials_are_refused(cluster):
         assert r.stdout.strip() in answer, r.stdout + r.stderr[-2000:]
     join = f"import ray; ray.init('ray://{head}:10001'); print('joined', len(ray.nodes()))"
     for token, joins in (("0" * 64, False), (cluster.token, True)):
-        client = outsider.run([sys.executable, "-c", join], env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
-                              timeout=120)
-        out = client.stdout + client.stderr
+        for _ in range(3):
+            client = outsider.run([sys.executable, "-c", join],
+                                  env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, timeout=120)
+            out = client.stdout + client.stderr
+            if not any(s in out for s in RAY_CLIENT_SPAWN_RACE):
+                break
         if joins:
             assert client.returncode == 0 and "joined" in client.stdout, out[-2000:]
         else:  # Ray's client only times out on a wrong token; the right one from the same host gets in
             assert client.returncode != 0 and "joined" not in client.stdout, out[-2000:]
+            assert not any(s in out for s in RAY_CLIENT_SPAWN_RACE), out[-2000:]  # refused for the token
 
 
 def checkpoints(cluster: BedCluster, run_name: str) -> set[int]:
