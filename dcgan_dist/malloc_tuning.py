@@ -24,6 +24,7 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "gnu_get_libc_version") else None  # musl, macOS: other allocators
 
 
+@functools.cache  # once per process: Ray's pooled scoring worker calls it at every evaluation
 def cap_malloc_arenas(cap: int = DEFAULT_CAP) -> str:
     """Cap this process's arenas at `cap` unless the environment chose; returns what holds, for the log."""
     if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
