@@ -39,6 +39,7 @@ LOGS = REPO / "outputs" / "test-logs" / "ray-up"
 RUN = "ray-up"
 # A Ray process, as found in a host's process list: the launcher's `ray stop` looks for the same.
 RAY_PROCESS = ("raylet", "gcs_server", "ray::", "/ray/", "default_worker.py")
+HEAD_LOST_S = 20  # how long a worker's raylet waits for a lost head before it leaves
 
 
 class Laptop:
@@ -105,10 +106,12 @@ def launched():
             head, workers = bed["head"], [bed["worker-1"], bed["worker-2"], bed["worker-3"]]
             # What each machine's administrator set up: S3 settings (an on-premises store, keys in ~/.aws),
             # MLflow's Host-header allowance for this network (198.18/15 is not a private range it knows), and no
-            # usage reports from MLflow or Ray (docs/tracking.md "Browse results").
+            # usage reports from MLflow or Ray (docs/tracking.md "Browse results"), and a raylet that leaves 20 s
+            # after it lost the head rather than Ray's 60 (docs/own-machines.md, "ray down").
             bashrc = {"AWS_ENDPOINT_URL_S3": s3_url, "AWS_DEFAULT_REGION": "us-east-1",
                       "MLFLOW_SERVER_ALLOWED_HOSTS": "'localhost:*,127.0.0.1:*,198.18.*'",
-                      "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+                      "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
+                      "RAY_gcs_rpc_server_reconnect_timeout_s": str(HEAD_LOST_S)}
             for host in (head, *workers):
                 bed_ssh.make_machine(host, laptop.key.with_suffix(".pub"), bashrc)
                 (host.home / ".aws").mkdir()
@@ -228,8 +231,8 @@ def test_ray_down_leaves_no_ray_process_on_any_host(launched):
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     stopped = time.monotonic()
     assert not ray_pids(bed["head"]), ray_pids(bed["head"])
-    # The local provider's `ray down` stops Ray on the head only. A worker's raylet leaves 60 s after it lost the
-    # head, and cluster/stop_with_raylet.py (a worker start command) stops the rest of that node's Ray.
+    # The local provider's `ray down` stops Ray on the head only. A worker's raylet leaves HEAD_LOST_S after it lost
+    # the head, and cluster/stop_with_raylet.py (a worker start command) stops the rest of that node's Ray.
     for host in (bed["worker-1"], bed["worker-2"]):
         try:
             wait_for(lambda: not ray_pids(host), 120, f"Ray on {host.name} gone after ray down", pause=2)

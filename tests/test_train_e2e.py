@@ -248,83 +248,6 @@ def test_a_second_job_on_a_busy_run_name_is_refused_and_sigterm_stops_the_first_
     assert history(client, run_id, "loss_d") == list(range(2, step + 1, 2))
 
 
-def test_a_job_whose_driver_froze_past_its_lease_stops_writing_and_the_next_job_takes_the_run_over(
-        local_ray, tmp_path, digits_dir):
-    """The driver holds the run's S3 lease; Ray's controller and the workers write. The driver is frozen (SIGSTOP)
-    past the lease's ttl, as a stalled or cut-off driver would be: its workers must stop writing (no checkpoint, no
-    metric) once the lease lapsed; the same submit again takes the lease over, resumes from the last checkpoint and
-    finishes the run; the first job, thawed, fails with the busy exit code naming the lost lease and registers
-    nothing. MLflow has every logged step once, one run, FINISHED, one version. Both jobs go through the real job
-    server, the S3 settings in their runtime_env (Ray Train's controller, which writes to S3 too, gets only that)."""
-    import json
-    import sys
-    import urllib.request
-
-    import boto3
-
-    from conftest import REPO, moto_server, sets
-    from servers import client_env
-
-    ttl = 6
-    with moto_server("ckpt") as moto:
-        overrides = tiny_overrides(tmp_path, digits_dir, **{
-            "train.run_name": "fenced", "train.steps": 100000, "train.checkpoint_every": 4, "train.sample_every": 0,
-            "train.lease_ttl_s": ttl, "ray.storage_path": "s3://ckpt/runs"})
-        cfg = load_config(overrides=overrides)
-        client = MlflowClient(cfg.tracking.uri)
-        dashboard = os.environ["DCGAN_TEST_DASHBOARD"]
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-        def submit(*more: str, wait: bool) -> subprocess.CompletedProcess:
-            runtime_env = json.dumps({"env_vars": client_env(moto.url)})
-            entry = ["--", sys.executable, str(REPO / "jobs" / "train.py"), *sets([*overrides, *more])]
-            return ray_job("submit", "--address", dashboard, f"--runtime-env-json={runtime_env}",
-                           *([] if wait else ["--no-wait"]), *entry, env=env)
-
-        def written() -> tuple[list[str], list[int]]:
-            pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="ckpt", Prefix="runs/fenced/")
-            keys = sorted(o["Key"] for page in pages for o in page.get("Contents", []) if "checkpoint_" in o["Key"])
-            return keys, history(client, find_run(cfg, "fenced"), "loss_d")
-
-        def job(job_id: str) -> dict:
-            with urllib.request.urlopen(f"{dashboard}/api/jobs/{job_id}", timeout=10) as r:
-                return json.load(r)
-
-        first = submit(wait=False)
-        assert first.returncode == 0, first.stdout + first.stderr
-        first_id = re.search(r"Job '([^']+)' submitted successfully", first.stdout + first.stderr).group(1)
-        wait_for_logged_step(cfg, "fenced", 8, running=lambda: job(first_id)["status"] in ("PENDING", "RUNNING"))
-        assert job(first_id)["status"] == "RUNNING", job(first_id)
-        (driver,) = [pid for pid, argv in processes() if argv[1:2] == [str(REPO / "jobs" / "train.py")]
-                     and "train.run_name=fenced" in argv]  # the job's python, not the shell the job server ran
-        os.kill(driver, signal.SIGSTOP)
-        try:
-            # The lease lapses at most ttl after the freeze; rank 0 reads it every ttl/6 s and before each write.
-            time.sleep(ttl + 3)
-            fenced = written()
-            time.sleep(3)
-            assert written() == fenced, "the workers of a job that lost its lease went on writing"
-            steps = max(fenced[1]) + 8
-            second = submit(f"train.steps={steps}", wait=True)
-            assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
-            assert "taking over the lease" in second.stdout + second.stderr
-        finally:
-            os.kill(driver, signal.SIGCONT)
-        deadline = time.time() + 120
-        while job(first_id)["status"] in ("PENDING", "RUNNING") and time.time() < deadline:
-            time.sleep(0.5)
-        info = job(first_id)
-        logs = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", dashboard,
-                               first_id], capture_output=True, text=True, env=env, timeout=60).stdout
-        assert info["status"] == "FAILED" and info.get("driver_exit_code") == EXIT_BUSY, (info, logs[-3000:])
-        assert re.search(r"error: run 'fenced': .* lease .*; this job stopped writing at step \d+$", logs.strip()), \
-            logs[-2000:]
-        run = client.get_run(find_run(cfg, "fenced"))
-        assert run.info.status == "FINISHED"
-        assert history(client, run.info.run_id, "loss_d") == list(range(2, steps + 1, 2))
-        assert len(client.search_model_versions(f"run_id = '{run.info.run_id}'")) == 1
-
-
 def test_a_full_storage_disk_ends_the_run_in_one_line_and_the_checkpoint_before_stays_whole(local_ray, tmp_path,
                                                                                              digits_dir):
     """ray.storage_path on a small tmpfs (a real filesystem of its own, root only) that fills up after the first
@@ -366,129 +289,181 @@ def test_a_full_storage_disk_ends_the_run_in_one_line_and_the_checkpoint_before_
         subprocess.run(["umount", str(storage)], check=True)
 
 
-def test_after_ray_job_stop_with_the_default_wait_the_next_submit_trains_to_the_end(local_ray, tmp_path, digits_dir):
-    """`ray job stop` through the real job server, with Ray's default 3 s between SIGTERM and SIGKILL: the driver
-    dies before any clean-up of its own. Its stop request must die with it: the same submit again resumes and trains
-    to train.steps (a request left in Ray's key-value store stopped it at its first log step, exit 0)."""
-    import sys
-
-    from conftest import REPO, sets
-
-    steps = 100
-    overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "jobstop", "train.steps": steps,
-                                                         "train.checkpoint_every": 5, "train.sample_every": 0,
-                                                         "tracking.register": "false",
-                                                         "ray.storage_path": f"file://{tmp_path / 'ray_results'}"})
-    cfg = load_config(overrides=overrides)
-    ray_cli = [str(Path(sys.executable).parent / "ray"), "job"]
-    address = ["--address", os.environ["DCGAN_TEST_DASHBOARD"]]
-    entry = ["--", sys.executable, str(REPO / "jobs" / "train.py"), *sets(overrides)]
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
-    t0 = time.time()
-    first = ray_job("submit", *address, "--no-wait", *entry, env=env, timeout=120)
-    assert first.returncode == 0, first.stdout + first.stderr
-    job_id = re.search(r"Job '([^']+)' submitted successfully", first.stdout + first.stderr).group(1)
-    wait_for_logged_step(cfg, "jobstop", 6)
-    print(f"first job at step 6 after {time.time() - t0:.0f} s")
-    stop = subprocess.run([*ray_cli, "stop", *address, job_id], capture_output=True, text=True, env=env, timeout=120)
-    assert stop.returncode == 0 and "stopped" in (stop.stdout + stop.stderr).lower(), stop.stdout + stop.stderr
-    stopped_at = max(history(MlflowClient(cfg.tracking.uri), find_run(cfg, "jobstop"), "loss_d"))
-    assert stopped_at < steps, "the first job had finished before it was stopped"
-    print(f"the first job was stopped at step {stopped_at} of {steps} after {time.time() - t0:.0f} s")
-
-    again = ray_job("submit", *address, *entry, env=env)
-    out = again.stdout + again.stderr
-    assert again.returncode == 0, out[-6000:]
-    assert f"finished at step {steps}" in out, out[-6000:]
-    assert (tmp_path / "ray_results" / "jobstop" / f"checkpoint_{steps:08d}" / "state.pt").is_file()
-    assert max(history(MlflowClient(cfg.tracking.uri), find_run(cfg, "jobstop"), "loss_d")) == steps
-
-
-def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(local_ray, tmp_path,
-                                                                                            digits_dir):
-    """The newest checkpoint cut short (a full disk, an upload that died): the same command again resumes from the
-    newest one that reads back whole, names the one it skipped in the MLflow run, and logs every step once.
-    (Every resubmit failed on it before.) With none readable, even ray.max_failures=-1 ends the run at once."""
-    overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "truncated", "train.steps": 8,
-                                                         "ray.num_workers": 1, "tracking.register": "false"})
-    train(load_config(overrides=overrides))
-    newest = tmp_path / "ray_results" / "truncated" / "checkpoint_00000008" / "state.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])
-    out = train(load_config(overrides=[*overrides, "train.steps=12"]))
-    assert out.step == 12 and out.metrics["start_step"] == 5
-    client = MlflowClient(load_config(overrides=overrides).tracking.uri)
-    skipped = client.get_run(out.run_id).data.tags["dcgan.resume.skipped.step_00000005"]
-    assert skipped.startswith("checkpoint_00000008: ") and "cannot be read" in skipped
-    assert history(client, out.run_id, "loss_d") == list(range(2, 13, 2))  # none lost, none twice
-
-    # No checkpoint left that reads back, with ray.max_failures=-1 (restart for ever): no restart can fix that,
-    # so the run ends at once, in one line naming them, FAILED.
-    from dcgan_dist.errors import CheckpointError
-
-    for state in (tmp_path / "ray_results" / "truncated").glob("checkpoint_*/state.pt"):
-        state.write_bytes(state.read_bytes()[:1000])
-    t0 = time.time()
-    with pytest.raises(CheckpointError, match=r"no checkpoint of the run in .* can be read: checkpoint_00000012: "):
-        train(load_config(overrides=[*overrides, "train.steps=16", "ray.max_failures=-1"]))
-    assert time.time() - t0 < 180  # two group starts on a busy 2-core machine; restarts for ever would not end
-    assert client.get_run(out.run_id).info.status == "FAILED"
-
-
-def test_a_checkpoint_uploaded_but_not_recorded_by_ray_is_resumed_from_and_removed_once_the_run_ends(
+def test_after_ray_job_stop_the_next_job_trains_on_and_one_whose_driver_froze_past_its_lease_is_taken_over(
         local_ray, tmp_path, digits_dir):
-    """The head lost after a checkpoint's upload finished and before Ray's controller recorded it: storage holds a
-    whole checkpoint newer than Ray's record. Made here by putting back Ray's own record file as it was before the
-    step-12 checkpoint. The same command resumes from step 12, not from Ray's latest (step 8: four steps redone),
-    logs every step once, and at the run's end the folder holds only what Ray's record lists (its retention never
-    deletes a folder it does not know)."""
-    overrides = tiny_overrides(tmp_path, digits_dir, **{"train.run_name": "unrecorded", "train.steps": 8,
-                                                         "ray.num_workers": 1, "tracking.register": "false",
-                                                         "ray.keep_checkpoints": 10})
-    train(load_config(overrides=overrides))
-    folder = tmp_path / "ray_results" / "unrecorded"
-    record = folder / "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's checkpoints
-    before = record.read_bytes()
-    train(load_config(overrides=[*overrides, "train.steps=12"]))
-    assert (folder / "checkpoint_00000012").is_dir()
-    record.write_bytes(before)  # the step-12 upload landed, its record did not
-    out = train(load_config(overrides=[*overrides, "train.steps=16"]))
-    assert out.step == 16 and out.metrics["start_step"] == 13, out.metrics
-    client = MlflowClient(load_config(overrides=overrides).tracking.uri)
-    assert history(client, out.run_id, "loss_d") == list(range(2, 17, 2))  # none lost, none twice
-    assert sorted(p.name for p in folder.glob("checkpoint_0*")) == [
-        "checkpoint_00000004", "checkpoint_00000008", "checkpoint_00000016"]
+    """Two things users meet on one run, every job through the real job server with the S3 settings in its
+    runtime_env (Ray Train's controller, which writes to S3 too, gets only that):
+    - `ray job stop` with Ray's default 3 s between SIGTERM and SIGKILL: the driver dies before any clean-up of its
+      own. Its stop request must die with it: the next job trains on past its first log step (a request left in
+      Ray's key-value store stopped it there, exit 0 "finished").
+    - That next job's driver frozen (SIGSTOP) past the lease's ttl, as a stalled or cut-off driver would be: its
+      workers must stop writing (no checkpoint, no metric) once the lease lapsed; the same submit again takes the
+      lease over, resumes from the last checkpoint and trains to train.steps; the frozen job, thawed, fails with the
+      busy exit code naming the lost lease and registers nothing.
+    MLflow has every logged step once, one run, FINISHED, one version."""
+    import json
+    import sys
+    import urllib.request
+
+    import boto3
+
+    from conftest import REPO, moto_server, sets
+    from servers import client_env
+
+    ttl = 6
+    with moto_server("ckpt") as moto:
+        overrides = tiny_overrides(tmp_path, digits_dir, **{
+            "train.run_name": "handed", "train.steps": 100000, "train.checkpoint_every": 4, "train.sample_every": 0,
+            "train.lease_ttl_s": ttl, "ray.storage_path": "s3://ckpt/runs"})
+        cfg = load_config(overrides=overrides)
+        client = MlflowClient(cfg.tracking.uri)
+        dashboard = os.environ["DCGAN_TEST_DASHBOARD"]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+        def submit(*more: str, wait: bool) -> subprocess.CompletedProcess:
+            runtime_env = json.dumps({"env_vars": client_env(moto.url)})
+            entry = ["--", sys.executable, str(REPO / "jobs" / "train.py"), *sets([*overrides, *more])]
+            return ray_job("submit", "--address", dashboard, f"--runtime-env-json={runtime_env}",
+                           *([] if wait else ["--no-wait"]), *entry, env=env)
+
+        def submitted(r: subprocess.CompletedProcess) -> str:
+            assert r.returncode == 0, r.stdout + r.stderr
+            return re.search(r"Job '([^']+)' submitted successfully", r.stdout + r.stderr).group(1)
+
+        def written() -> tuple[list[str], list[int]]:
+            pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="ckpt", Prefix="runs/handed/")
+            keys = sorted(o["Key"] for page in pages for o in page.get("Contents", []) if "checkpoint_" in o["Key"])
+            return keys, history(client, find_run(cfg, "handed"), "loss_d")
+
+        def job(job_id: str) -> dict:
+            with urllib.request.urlopen(f"{dashboard}/api/jobs/{job_id}", timeout=10) as r:
+                return json.load(r)
+
+        def running(job_id: str):
+            return lambda: job(job_id)["status"] in ("PENDING", "RUNNING")
+
+        # `ray job stop` with the default wait, then the next job.
+        stopped_id = submitted(submit(wait=False))
+        wait_for_logged_step(cfg, "handed", 6, running=running(stopped_id))
+        stop = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop", "--address", dashboard,
+                               stopped_id], capture_output=True, text=True, env=env, timeout=120)
+        assert stop.returncode == 0 and "stopped" in (stop.stdout + stop.stderr).lower(), stop.stdout + stop.stderr
+        stopped_at = max(written()[1])
+        time.sleep(ttl + 1)  # a driver SIGKILLed before its clean-up leaves its lease to lapse
+        frozen_id = submitted(submit(wait=False))
+        wait_for_logged_step(cfg, "handed", stopped_at + 4, running=running(frozen_id))
+        assert job(frozen_id)["status"] == "RUNNING", job(frozen_id)
+        assert stopped_at + 4 in written()[1]
+
+        # Its driver frozen past the lease's ttl, then the same submit again.
+        (driver,) = [pid for pid, argv in processes() if argv[1:2] == [str(REPO / "jobs" / "train.py")]
+                     and "train.run_name=handed" in argv]  # the job's python, not the shell the job server ran
+        os.kill(driver, signal.SIGSTOP)
+        try:
+            # The lease lapses at most ttl after the freeze; rank 0 reads it every ttl/6 s and before each write.
+            time.sleep(ttl + 3)
+            fenced = written()
+            time.sleep(3)
+            assert written() == fenced, "the workers of a job that lost its lease went on writing"
+            steps = max(fenced[1]) + 8
+            last = submit(f"train.steps={steps}", wait=True)
+            out = last.stdout + last.stderr
+            assert last.returncode == 0, out[-3000:]
+            assert "taking over the lease" in out and f"finished at step {steps}" in out, out[-3000:]
+        finally:
+            os.kill(driver, signal.SIGCONT)
+        deadline = time.time() + 120
+        while running(frozen_id)() and time.time() < deadline:
+            time.sleep(0.5)
+        info = job(frozen_id)
+        logs = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", dashboard,
+                               frozen_id], capture_output=True, text=True, env=env, timeout=60).stdout
+        assert info["status"] == "FAILED" and info.get("driver_exit_code") == EXIT_BUSY, (info, logs[-3000:])
+        assert re.search(r"error: run 'handed': .* lease .*; this job stopped writing at step \d+$", logs.strip()), \
+            logs[-2000:]
+        run = client.get_run(find_run(cfg, "handed"))
+        assert run.info.status == "FINISHED"
+        assert history(client, run.info.run_id, "loss_d") == list(range(2, steps + 1, 2))
+        assert f"runs/handed/checkpoint_{steps:08d}/state.pt" in written()[0]
+        assert len(client.search_model_versions(f"run_id = '{run.info.run_id}'")) == 1
 
 
-def test_a_resume_on_changed_data_is_refused_unless_asked_for(local_ray, tmp_path, digits_dir):
-    """Shards added after a checkpoint: the stream positions it holds would point at other samples. The same
-    command is refused at once with one line naming both datasets (whatever ray.max_failures says: no restart can
-    fix it); with data.allow_changed=true it resumes and trains to the end."""
+def test_resumes_take_an_unrecorded_checkpoint_skip_a_truncated_one_and_refuse_changed_data(local_ray, tmp_path,
+                                                                                             digits_dir):
+    """One run resumed by the same command after each thing a crash or a user leaves behind (one worker, seven
+    starts where one test per case took nine):
+    - a checkpoint uploaded but not recorded by Ray (the head lost between the upload and Ray's record, made by
+      putting back Ray's own record file as it was before): resumed from, not from Ray's latest, and removed at the
+      run's end (Ray's retention never deletes a folder it does not know);
+    - the newest checkpoint cut short (a full disk, an upload that died): skipped for the newest that reads back
+      whole, named in the MLflow run (every resubmit failed on it before);
+    - shards added since the checkpoint (its stream positions would point at other samples): refused at once in one
+      line naming both datasets, whatever ray.max_failures says; with data.allow_changed=true resumed;
+    - no checkpoint left that reads back, with ray.max_failures=-1: the run ends at once, FAILED.
+    Every step is logged once throughout."""
     import shutil
 
     from dcgan_dist.data import shards, sources
     from dcgan_dist.data.loader import resolve_shards
-    from dcgan_dist.errors import DataError
+    from dcgan_dist.errors import CheckpointError, DataError
 
     data = tmp_path / "digits"
     shutil.copytree(digits_dir, data)
-    overrides = tiny_overrides(tmp_path, data, **{"train.run_name": "changed", "train.steps": 4,
+    overrides = tiny_overrides(tmp_path, data, **{"train.run_name": "resumed", "train.steps": 8,
                                                    "ray.num_workers": 1, "tracking.register": "false",
-                                                   "ray.max_failures": -1})
-    train(load_config(overrides=overrides))
+                                                   "ray.keep_checkpoints": 10})
+
+    def run(steps: int, *more: str):
+        return train(load_config(overrides=[*overrides, f"train.steps={steps}", *more]))
+
+    client = MlflowClient(load_config(overrides=overrides).tracking.uri)
+    folder = tmp_path / "ray_results" / "resumed"
+    record = folder / "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's checkpoints
+
+    # Unrecorded: the step-12 upload landed, its record did not.
+    run(8)
+    before = record.read_bytes()
+    run(12)
+    assert (folder / "checkpoint_00000012").is_dir()
+    record.write_bytes(before)
+    out = run(16)
+    assert out.step == 16 and out.metrics["start_step"] == 13, out.metrics  # not 9: four steps redone
+    assert history(client, out.run_id, "loss_d") == list(range(2, 17, 2))  # none lost, none twice
+    assert sorted(p.name for p in folder.glob("checkpoint_0*")) == [
+        "checkpoint_00000004", "checkpoint_00000008", "checkpoint_00000016"]
+
+    # Truncated: the newest is skipped for the one before, and named.
+    newest = folder / "checkpoint_00000016" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    out = run(20)
+    assert out.step == 20 and out.metrics["start_step"] == 9
+    skipped = client.get_run(out.run_id).data.tags["dcgan.resume.skipped.step_00000009"]
+    assert skipped.startswith("checkpoint_00000016: ") and "cannot be read" in skipped
+    assert history(client, out.run_id, "loss_d") == list(range(2, 21, 2))
+
+    # Changed data: refused in one line, not restarted for ever; allowed when asked for.
     first = resolve_shards(str(data)).fingerprint
     shutil.rmtree(data)
     shards.build_shards(sources.Digits(), str(data), resolution=32, encoding="png", shard_size=300, progress=False)
     t0 = time.time()
-    with pytest.raises(DataError, match=r"the checkpoint of step 4 was trained on data \w{12} \(4 shards\), "
+    with pytest.raises(DataError, match=r"the checkpoint of step 20 was trained on data \w{12} \(4 shards\), "
                                         r"data.url .* is now \w{12} \(6 shards\): .* --set data.allow_changed=true"):
-        train(load_config(overrides=[*overrides, "train.steps=8"]))
+        run(24, "ray.max_failures=-1")
     assert time.time() - t0 < 180  # not ray.max_failures=-1's restarts for ever (two group starts at most)
-    client = MlflowClient(load_config(overrides=overrides).tracking.uri)
-    assert client.get_run(find_run(load_config(overrides=overrides), "changed")).info.status == "FAILED"
-    out = train(load_config(overrides=[*overrides, "train.steps=8", "data.allow_changed=true"]))
-    assert out.step == 8 and out.metrics["start_step"] == 5
+    assert client.get_run(out.run_id).info.status == "FAILED"
+    out = run(24, "data.allow_changed=true")
+    assert out.step == 24 and out.metrics["start_step"] == 21
+    assert history(client, out.run_id, "loss_d") == list(range(2, 25, 2))
     # Lineage: both datasets are the run's inputs in MLflow, each named by its manifest's digest.
     inputs = client.get_run(out.run_id).inputs.dataset_inputs
     assert sorted(i.dataset.digest for i in inputs) == sorted([first[:32], resolve_shards(str(data)).fingerprint[:32]])
     assert all(json.loads(i.dataset.source)["uri"] == str(data) and i.dataset.source_type == "local" for i in inputs)
+
+    # None readable, with ray.max_failures=-1 (restart for ever): no restart can fix that; one line naming them.
+    for state in folder.glob("checkpoint_*/state.pt"):
+        state.write_bytes(state.read_bytes()[:1000])
+    t0 = time.time()
+    with pytest.raises(CheckpointError, match=r"no checkpoint of the run in .* can be read: checkpoint_00000024: "):
+        run(28, "data.allow_changed=true", "ray.max_failures=-1")
+    assert time.time() - t0 < 180  # two group starts on a busy 2-core machine; restarts for ever would not end
+    assert client.get_run(out.run_id).info.status == "FAILED"
