@@ -39,7 +39,7 @@ LOGS = REPO / "outputs" / "test-logs" / "ray-up"
 RUN = "ray-up"
 # A Ray process, as found in a host's process list: the launcher's `ray stop` looks for the same.
 RAY_PROCESS = ("raylet", "gcs_server", "ray::", "/ray/", "default_worker.py")
-HEAD_LOST_S = 20  # how long a worker's raylet waits for a lost head before it leaves
+HEAD_LOST_S = 10  # how long a worker's raylet waits for a lost head before it leaves
 
 
 class Laptop:
@@ -106,7 +106,7 @@ def launched():
             head, workers = bed["head"], [bed["worker-1"], bed["worker-2"], bed["worker-3"]]
             # What each machine's administrator set up: S3 settings (an on-premises store, keys in ~/.aws),
             # MLflow's Host-header allowance for this network (198.18/15 is not a private range it knows), and no
-            # usage reports from MLflow or Ray (docs/tracking.md "Browse results"), and a raylet that leaves 20 s
+            # usage reports from MLflow or Ray (docs/tracking.md "Browse results"), and a raylet that leaves 10 s
             # after it lost the head rather than Ray's 60 (docs/own-machines.md, "ray down").
             bashrc = {"AWS_ENDPOINT_URL_S3": s3_url, "AWS_DEFAULT_REGION": "us-east-1",
                       "MLFLOW_SERVER_ALLOWED_HOSTS": "'localhost:*,127.0.0.1:*,198.18.*'",

@@ -330,10 +330,12 @@ def test_after_ray_job_stop_the_next_job_trains_on_and_one_whose_driver_froze_pa
             assert r.returncode == 0, r.stdout + r.stderr
             return re.search(r"Job '([^']+)' submitted successfully", r.stdout + r.stderr).group(1)
 
-        def written() -> tuple[list[str], list[int]]:
+        def written() -> tuple[set[int], list[int]]:
+            """The steps of the run's whole checkpoints in S3, and its logged steps in MLflow."""
             pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="ckpt", Prefix="runs/handed/")
-            keys = sorted(o["Key"] for page in pages for o in page.get("Contents", []) if "checkpoint_" in o["Key"])
-            return keys, history(client, find_run(cfg, "handed"), "loss_d")
+            keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+            saved = {int(m.group(1)) for k in keys if (m := re.fullmatch(r"runs/handed/checkpoint_(\d+)/state.pt", k))}
+            return saved, history(client, find_run(cfg, "handed"), "loss_d")
 
         def job(job_id: str) -> dict:
             with urllib.request.urlopen(f"{dashboard}/api/jobs/{job_id}", timeout=10) as r:
@@ -351,9 +353,11 @@ def test_after_ray_job_stop_the_next_job_trains_on_and_one_whose_driver_froze_pa
         stopped_at = max(written()[1])
         time.sleep(ttl + 1)  # a driver SIGKILLed before its clean-up leaves its lease to lapse
         frozen_id = submitted(submit(wait=False))
-        wait_for_logged_step(cfg, "handed", stopped_at + 4, running=running(frozen_id))
+        # Its first log step is at most stopped_at + 4 (a step the stopped job's workers logged late, then the
+        # checkpoint before it): two log steps past that, it still runs.
+        wait_for_logged_step(cfg, "handed", stopped_at + 8, running=running(frozen_id))
         assert job(frozen_id)["status"] == "RUNNING", job(frozen_id)
-        assert stopped_at + 4 in written()[1]
+        assert stopped_at + 8 in written()[1]
 
         # Its driver frozen past the lease's ttl, then the same submit again.
         (driver,) = [pid for pid, argv in processes() if argv[1:2] == [str(REPO / "jobs" / "train.py")]
@@ -364,7 +368,11 @@ def test_after_ray_job_stop_the_next_job_trains_on_and_one_whose_driver_froze_pa
             time.sleep(ttl + 3)
             fenced = written()
             time.sleep(3)
-            assert written() == fenced, "the workers of a job that lost its lease went on writing"
+            # No new checkpoint, no new metric. (Ray's controller may still prune an older checkpoint of the group's
+            # as it closes its run: its retention, no new state.)
+            later = written()
+            assert later[1] == fenced[1] and later[0] <= fenced[0], ("the workers of a job that lost its lease "
+                                                                     "went on writing", fenced, later)
             steps = max(fenced[1]) + 8
             last = submit(f"train.steps={steps}", wait=True)
             out = last.stdout + last.stderr
@@ -384,7 +392,7 @@ def test_after_ray_job_stop_the_next_job_trains_on_and_one_whose_driver_froze_pa
         run = client.get_run(find_run(cfg, "handed"))
         assert run.info.status == "FINISHED"
         assert history(client, run.info.run_id, "loss_d") == list(range(2, steps + 1, 2))
-        assert f"runs/handed/checkpoint_{steps:08d}/state.pt" in written()[0]
+        assert steps in written()[0]
         assert len(client.search_model_versions(f"run_id = '{run.info.run_id}'")) == 1
 
 
