@@ -106,8 +106,8 @@ def launched():
             head, workers = bed["head"], [bed["worker-1"], bed["worker-2"], bed["worker-3"]]
             # What each machine's administrator set up: S3 settings (an on-premises store, keys in ~/.aws),
             # MLflow's Host-header allowance for this network (198.18/15 is not a private range it knows), and no
-            # usage reports from MLflow or Ray (docs/tracking.md "Browse results"), and a raylet that leaves 10 s
-            # after it lost the head rather than Ray's 60 (docs/own-machines.md, "ray down").
+            # usage reports from MLflow or Ray (docs/tracking.md "Browse results"), and a raylet that leaves
+            # HEAD_LOST_S after it lost the head rather than Ray's 60 s (docs/own-machines.md, "ray down").
             bashrc = {"AWS_ENDPOINT_URL_S3": s3_url, "AWS_DEFAULT_REGION": "us-east-1",
                       "MLFLOW_SERVER_ALLOWED_HOSTS": "'localhost:*,127.0.0.1:*,198.18.*'",
                       "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",

@@ -330,34 +330,36 @@ def test_after_ray_job_stop_the_next_job_trains_on_and_one_whose_driver_froze_pa
             assert r.returncode == 0, r.stdout + r.stderr
             return re.search(r"Job '([^']+)' submitted successfully", r.stdout + r.stderr).group(1)
 
+        def logged() -> list[int]:
+            return history(client, find_run(cfg, "handed"), "loss_d")
+
         def written() -> tuple[set[int], list[int]]:
             """The steps of the run's whole checkpoints in S3, and its logged steps in MLflow."""
             pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="ckpt", Prefix="runs/handed/")
             keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
             saved = {int(m.group(1)) for k in keys if (m := re.fullmatch(r"runs/handed/checkpoint_(\d+)/state.pt", k))}
-            return saved, history(client, find_run(cfg, "handed"), "loss_d")
+            return saved, logged()
 
         def job(job_id: str) -> dict:
             with urllib.request.urlopen(f"{dashboard}/api/jobs/{job_id}", timeout=10) as r:
                 return json.load(r)
 
-        def running(job_id: str):
-            return lambda: job(job_id)["status"] in ("PENDING", "RUNNING")
+        def running(job_id: str) -> bool:
+            return job(job_id)["status"] in ("PENDING", "RUNNING")
 
         # `ray job stop` with the default wait, then the next job.
         stopped_id = submitted(submit(wait=False))
-        wait_for_logged_step(cfg, "handed", 6, running=running(stopped_id))
-        stop = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop", "--address", dashboard,
-                               stopped_id], capture_output=True, text=True, env=env, timeout=120)
+        wait_for_logged_step(cfg, "handed", 6, running=lambda: running(stopped_id))
+        stop = ray_job("stop", "--address", dashboard, stopped_id, env=env, timeout=120)
         assert stop.returncode == 0 and "stopped" in (stop.stdout + stop.stderr).lower(), stop.stdout + stop.stderr
-        stopped_at = max(written()[1])
+        stopped_at = max(logged())
         time.sleep(ttl + 1)  # a driver SIGKILLed before its clean-up leaves its lease to lapse
         frozen_id = submitted(submit(wait=False))
         # Its first log step is at most stopped_at + 4 (a step the stopped job's workers logged late, then the
         # checkpoint before it): two log steps past that, it still runs.
-        wait_for_logged_step(cfg, "handed", stopped_at + 8, running=running(frozen_id))
+        wait_for_logged_step(cfg, "handed", stopped_at + 8, running=lambda: running(frozen_id))
         assert job(frozen_id)["status"] == "RUNNING", job(frozen_id)
-        assert stopped_at + 8 in written()[1]
+        assert stopped_at + 8 in logged()
 
         # Its driver frozen past the lease's ttl, then the same submit again.
         (driver,) = [pid for pid, argv in processes() if argv[1:2] == [str(REPO / "jobs" / "train.py")]
@@ -381,11 +383,10 @@ def test_after_ray_job_stop_the_next_job_trains_on_and_one_whose_driver_froze_pa
         finally:
             os.kill(driver, signal.SIGCONT)
         deadline = time.time() + 120
-        while running(frozen_id)() and time.time() < deadline:
+        while running(frozen_id) and time.time() < deadline:
             time.sleep(0.5)
         info = job(frozen_id)
-        logs = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", dashboard,
-                               frozen_id], capture_output=True, text=True, env=env, timeout=60).stdout
+        logs = ray_job("logs", "--address", dashboard, frozen_id, env=env, timeout=60).stdout
         assert info["status"] == "FAILED" and info.get("driver_exit_code") == EXIT_BUSY, (info, logs[-3000:])
         assert re.search(r"error: run 'handed': .* lease .*; this job stopped writing at step \d+$", logs.strip()), \
             logs[-2000:]
