@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,13 +17,12 @@ import mlflow
 import numpy as np
 import pytest
 import ray
-import torch
 from mlflow import MlflowClient
 
 from conftest import EXIT_BUSY, tiny_overrides
 from dcgan_dist.config import load_config
-from dcgan_dist.torch_utils import resolve_precision
 from dcgan_dist.tracking import find_run
+from dcgan_dist.train_loop import CHECKPOINT_NAME
 from dcgan_dist.trainer import train
 
 
@@ -147,6 +147,11 @@ def live_train_workers() -> list[int]:
     return [a.pid for a in actors]
 
 
+def checkpoint_steps(names) -> set[int]:
+    """The steps of those names that are checkpoint folders' (train_loop.CHECKPOINT_NAME)."""
+    return {int(n.removeprefix("checkpoint_")) for n in names if CHECKPOINT_NAME.fullmatch(n)}
+
+
 def staged() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("dcgan-ckpt-*"))
 
@@ -178,13 +183,14 @@ def test_one_run_meets_a_killed_worker_then_the_tracking_server_and_s3_going_dow
     before = staged() - {orphan}
     url = "s3://data/train-digits/"
     steps = 80
-    with moto_server("data") as moto:
+    with moto_server("data") as moto, contextlib.ExitStack() as stack:
         def put_data():
             shards.build_shards(sources.Digits(), url, resolution=32, encoding="png", shard_size=100, workers=2,
                                 progress=False)
 
         put_data()
         server = MlflowServer(tmp_path / "server")
+        stack.callback(server.stop)
         overrides = tiny_overrides(tmp_path, "unused", **{
             "data.url": url, "data.shuffle_buffer": 32, "tracking.uri": server.url, "train.run_name": "campaign",
             "train.steps": steps, "train.checkpoint_every": 2, "train.eval_every": 0, "ray.keep_checkpoints": 2,
@@ -194,36 +200,35 @@ def test_one_run_meets_a_killed_worker_then_the_tracking_server_and_s3_going_dow
             "data.max_bad_shards": 10**6})
         folder = tmp_path / "ray_results" / "campaign"
         client = MlflowClient(server.url)
-        faults, result = {}, {}
+        cfg = load_config(overrides=overrides)
+        faults, done = {}, threading.Event()
 
-        def saved_steps() -> list[int]:
-            names = (re.fullmatch(r"checkpoint_(\d+)", p.name) for p in folder.glob("checkpoint_*"))
-            return [int(m.group(1)) for m in names if m]
+        def saved() -> set[int]:
+            return checkpoint_steps(p.name for p in folder.glob("*"))
 
         def checkpointed(step: int) -> bool:
-            return max(saved_steps(), default=0) >= step
+            return max(saved(), default=0) >= step
 
         def wait(condition, what: str) -> None:
             while not condition():
-                assert trainer.is_alive(), f"training ended before {what}"
+                assert not done.is_set(), f"training ended before {what}"
                 time.sleep(0.05)
 
         def campaign():
             wait(lambda: checkpointed(4), "its first checkpoints")
-            run_id = find_run(load_config(overrides=overrides), "campaign")
-            wait(lambda: max(history(client, run_id, "loss_d"), default=0) >= 8, "step 8 was logged")
+            wait_for_logged_step(cfg, "campaign", 8, running=lambda: not done.is_set())
             pids = live_train_workers()
             assert len(pids) == 2, pids
             os.kill(pids[-1], signal.SIGKILL)
             # The new group's first checkpoint: one past every checkpoint there once neither old worker is alive.
             wait(lambda: len(live := live_train_workers()) == 2 and not set(live) & set(pids), "the group restarted")
-            newest = max(saved_steps(), default=0)
+            newest = max(saved(), default=0)
             wait(lambda: checkpointed(newest + 2), "the new group checkpointed")
             server.stop()
             faults["tracking_down_at"] = time.time()
             moto.stop()
             time.sleep(3)
-            assert trainer.is_alive(), "training ended during the S3 outage"
+            assert not done.is_set(), "training ended during the S3 outage"
             moto.start()
             boto3.client("s3").create_bucket(Bucket="data")
             put_data()
@@ -236,37 +241,28 @@ def test_one_run_meets_a_killed_worker_then_the_tracking_server_and_s3_going_dow
             except BaseException as e:  # reported by the test's thread
                 faults["error"] = e
 
-        def run_training():
-            try:
-                result["out"] = train(load_config(overrides=overrides))
-            except BaseException as e:
-                result["error"] = e
-
-        trainer = threading.Thread(target=run_training)
         watcher = threading.Thread(target=run_campaign, daemon=True)
-        trainer.start()
         watcher.start()
         try:
-            trainer.join(timeout=600)
-            watcher.join(timeout=120)
-            assert "error" not in faults and "error" not in result, (faults, result)
-            out = result["out"]
-            assert out.step == steps and out.model_version == "1"
-            # The killed worker: the second group started right after a checkpoint, past step 1.
-            start = out.metrics["start_step"]
-            assert start > 1 and (start - 1) % 2 == 0, start
-            # S3: the new group's streams retried through the outage.
-            assert out.metrics["data_retries"] > 0, {k: out.metrics[k] for k in ("data_retries", "data_skipped")}
-            # The tracking server: steps measured while it was down arrived after it came back.
-            logged = {m.step: m.timestamp / 1000 for m in client.get_metric_history(out.run_id, "loss_d")}
-            assert sorted(logged) == list(range(2, steps + 1, 2))  # none lost, none twice
-            assert any(faults["tracking_down_at"] < t < faults["tracking_back_at"] for t in logged.values()), faults
-            assert client.get_run(out.run_id).info.status == "FINISHED"
-            assert sorted(saved_steps()) == [steps - 2, steps]  # Ray's retention: the last two
-            assert staged() - before == set()
-            assert not orphan.exists()
+            out = train(cfg)
         finally:
-            server.stop()
+            done.set()
+            watcher.join(timeout=120)
+        assert "error" not in faults, faults
+        assert out.step == steps and out.model_version == "1"
+        # The killed worker: the second group started right after a checkpoint, past step 1.
+        start = out.metrics["start_step"]
+        assert start > 1 and (start - 1) % 2 == 0, start
+        # S3: the new group's streams retried through the outage.
+        assert out.metrics["data_retries"] > 0, {k: out.metrics[k] for k in ("data_retries", "data_skipped")}
+        # The tracking server: steps measured while it was down arrived after it came back.
+        logged = {m.step: m.timestamp / 1000 for m in client.get_metric_history(out.run_id, "loss_d")}
+        assert sorted(logged) == list(range(2, steps + 1, 2))  # none lost, none twice
+        assert any(faults["tracking_down_at"] < t < faults["tracking_back_at"] for t in logged.values()), faults
+        assert client.get_run(out.run_id).info.status == "FINISHED"
+        assert saved() == {steps - 2, steps}  # Ray's retention: the last two
+        assert staged() - before == set()
+        assert not orphan.exists()
 
 
 def test_a_second_job_on_a_busy_run_name_is_refused_and_sigterm_stops_the_first_cleanly(local_ray, tmp_path,
@@ -398,8 +394,8 @@ def test_after_ray_job_stop_the_next_job_trains_on_and_one_whose_driver_froze_pa
             """The steps of the run's whole checkpoints in S3, and its logged steps in MLflow."""
             pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="ckpt", Prefix="runs/handed/")
             keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-            saved = {int(m.group(1)) for k in keys if (m := re.fullmatch(r"runs/handed/checkpoint_(\d+)/state.pt", k))}
-            return saved, logged()
+            whole = (k.removeprefix("runs/handed/").removesuffix("/state.pt") for k in keys if k.endswith("/state.pt"))
+            return checkpoint_steps(whole), logged()
 
         def job(job_id: str) -> dict:
             with urllib.request.urlopen(f"{dashboard}/api/jobs/{job_id}", timeout=10) as r:
