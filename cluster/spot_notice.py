@@ -49,9 +49,32 @@ def seconds_left(token: str, now: datetime | None = None) -> int | None:
     return max(1, int((when - (now or datetime.now(timezone.utc))).total_seconds()))
 
 
-def drain_command(seconds: int) -> list[str]:
+def local_ipv4(token: str) -> str:
+    """This instance's private address: the one its Ray node registered with (Ray finds it by the same route)."""
+    status, body = _get("/latest/meta-data/local-ipv4", token)
+    if status != 200:
+        raise OSError(f"instance metadata local-ipv4: HTTP {status}")
+    return body.strip()
+
+
+def node_id_at(ip: str) -> str:
+    """The ID of the live Ray node at `ip`. Named, not left to `ray drain-node`'s default, which takes any raylet it
+    finds among the machine's processes and prefers a head's: where one machine runs several nodes, another one."""
+    import ray
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    try:
+        ids = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == ip]
+    finally:
+        ray.shutdown()
+    if len(ids) != 1:
+        raise RuntimeError(f"{len(ids)} live Ray nodes at {ip} (this instance's local-ipv4), expected 1")
+    return ids[0]
+
+
+def drain_command(seconds: int, node_id: str) -> list[str]:
     """`ray drain-node` of this node, for preemption, with the notice's deadline."""
-    return ["ray", "drain-node", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+    return ["ray", "drain-node", f"--node-id={node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
             "--reason-message=AWS spot interruption notice", f"--deadline-remaining-seconds={seconds}"]
 
 
@@ -70,8 +93,9 @@ def main() -> int:
             left = seconds_left(token)
         except OSError as e:  # a metadata hiccup: ask again
             print(f"instance metadata: {e}", flush=True)
-    print(f"spot interruption notice: the instance goes in {left} s; draining this Ray node", flush=True)
-    return subprocess.run(drain_command(left), check=False).returncode
+    node = node_id_at(local_ipv4(token))
+    print(f"spot interruption notice: the instance goes in {left} s; draining this Ray node ({node})", flush=True)
+    return subprocess.run(drain_command(left, node), check=False).returncode
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from netbed import Bed, Host
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-S3_PORT, MLFLOW_PORT, DASHBOARD_PORT = 9000, 5000, 8265
+S3_PORT, MLFLOW_PORT, DASHBOARD_PORT, IMDS_PORT = 9000, 5000, 8265, 8169
 DIGITS = "s3://data/digits-32/"  # the training data both bed suites use, made by start_s3()
 UPLOAD_EXCLUDES = [".git", ".venv", "data", "mlflow.db", "mlruns", "mlartifacts", "ray_results", "outputs"]
 MLFLOW_USER = "trainer"
@@ -60,6 +60,15 @@ def start_commands(kind: str, host: Host, head_ip: str) -> list[str]:
         commands.append(prefix + cmd)
     assert commands, f"ray_cluster.yaml has no {kind}_start_ray_commands"
     return commands
+
+
+def spot_notice_command() -> str:
+    """The spot node type's command of ray_cluster.yaml that starts cluster/spot_notice.py, as the launcher would run
+    it on a bed host (the checkout is ~/dcgan-dist there)."""
+    types = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())["available_node_types"].values()
+    commands = {c for t in types for c in t.get("worker_setup_commands", []) if "spot_notice.py" in c}
+    assert len(commands) == 1, f"ray_cluster.yaml's spot node types start spot_notice.py by {sorted(commands)}"
+    return commands.pop().replace("~/dcgan-dist", str(REPO))
 
 
 def write_secrets(home: Path, token: str, mlflow_password: str) -> None:
@@ -207,6 +216,18 @@ class BedCluster:
 
     def start_worker(self, host: Host) -> None:
         self._run_all(host, start_commands("worker", host, self.head.ip))
+
+    def start_spot_notice(self, host: Host) -> Path:
+        """What a spot node runs: its metadata service (ours, tests/imds_server.py, on the host's loopback, the host's
+        address as its local-ipv4) and spot_notice.py by the spot node type's own command. Returns the file whose
+        presence is AWS's notice."""
+        notice = host.dir / "spot-notice"
+        imds = host.spawn([sys.executable, str(REPO / "tests" / "imds_server.py"), str(IMDS_PORT), str(notice),
+                           host.ip], log="imds.log")
+        wait_for(lambda: "listening" in imds.log.read_text(), 30, f"{host.name}: the metadata service")
+        r = host.run(spot_notice_command(), env={**NODE_ENV, "DCGAN_IMDS_URL": f"http://127.0.0.1:{IMDS_PORT}"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        return notice
 
     @staticmethod
     def _run_all(host: Host, commands: list[str]) -> None:

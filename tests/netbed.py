@@ -165,7 +165,10 @@ class Host:
         self.ns = f"{bed.prefix}-{name}"      # namespace name (not a link: no 15-character limit)
         self.link = f"{bed.prefix}-v{index}"  # our end of the veth, in the root namespace; theirs is eth0
         self.dir = BASE / bed.prefix / name
-        self.home, self.tmp, self.ray_tmp = self.dir / "home", self.dir / "tmp", self.dir / "r"
+        # Ray's temp folder where Ray looks by default under the host's TMPDIR, so that Ray's commands on the host
+        # (`ray drain-node` from spot_notice.py) find its node as on a real one; short enough for Ray's socket paths.
+        self.home, self.tmp = self.dir / "home", self.dir / "tmp"
+        self.ray_tmp = self.tmp / "ray"
         self.procs: list[subprocess.Popen] = []
         self.taps = (f"{bed.prefix}-a{index}", f"{bed.prefix}-b{index}")  # used only while shaped
         self.relay: subprocess.Popen | None = None
