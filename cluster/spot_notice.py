@@ -81,6 +81,7 @@ def drain_command(seconds: int, node_id: str) -> list[str]:
 def main() -> int:
     try:
         token = imds_token()
+        ip = local_ipv4(token)  # now: Ray may not be up yet (the node's setup commands run before `ray start`)
     except OSError as e:
         print(f"no EC2 instance metadata ({e}): not a spot instance, nothing to watch")
         return 0
@@ -93,7 +94,9 @@ def main() -> int:
             left = seconds_left(token)
         except OSError as e:  # a metadata hiccup: ask again
             print(f"instance metadata: {e}", flush=True)
-    node = node_id_at(local_ipv4(token))
+    noticed = time.monotonic()
+    node = node_id_at(ip)
+    left = max(1, left - round(time.monotonic() - noticed))  # what finding the node took of it
     print(f"spot interruption notice: the instance goes in {left} s; draining this Ray node ({node})", flush=True)
     return subprocess.run(drain_command(left, node), check=False).returncode
 
