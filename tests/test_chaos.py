@@ -258,9 +258,8 @@ def test_elastic_a_preempted_host_shrinks_the_group_its_return_grows_it_and_each
     host of rank 1 with 25 s to go: spot_notice.py, at its next poll, drains that node for preemption (token auth,
     as the yaml's command sets it), and the group checkpoints before the deadline; the host dies at the deadline and
     training goes on with one worker right after the newest checkpoint; the host comes back and the group grows to
-    two at the next resize check. Every global step took the same images as one
-    reader of the 4 streams takes (so: whatever the group size, and across both restarts), MLflow has every step
-    once and num_workers 2, 1, 2."""
+    two at the next resize check. Every global step took the same images as one reader of the 4 streams takes (so:
+    whatever the group size, and across both restarts), MLflow has every step once and num_workers 2, 1, 2."""
     # Periodic checkpoints are rare, so the notice's stands out.
     steps, log_every, every, name = 450, 5, 60, "elastic"
     notices = {h.name: cluster.start_spot_notice(h) for h in cluster.workers}
