@@ -140,6 +140,13 @@ def tiny_overrides(tmp: Path, digits: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def checkpoint_steps(names) -> set[int]:
+    """The steps of those names that are checkpoint folders' (train_loop.CHECKPOINT_NAME)."""
+    from dcgan_dist.train_loop import CHECKPOINT_NAME
+
+    return {int(n.removeprefix("checkpoint_")) for n in names if CHECKPOINT_NAME.fullmatch(n)}
+
+
 def sets(overrides: list[str]) -> list[str]:
     """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]: overrides as a job's command line."""
     return [x for o in overrides for x in ("--set", o)]

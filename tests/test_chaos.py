@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 import netbed
 from bed_cluster import BIN, DIGITS, REPO, BedCluster, expected_steps, keep_logs, s3_endpoint, wait_for
 from bed_cluster import overrides as bed_overrides
+from conftest import checkpoint_steps
 
 # The module's bed starts inside the first test: its timeout covers that, and finish()'s own wait.
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
@@ -146,8 +147,8 @@ def test_outsiders_and_clients_without_credentials_are_refused(cluster):
 
 def checkpoints(cluster: BedCluster, run_name: str) -> set[int]:
     """Steps of the run's checkpoints in S3."""
-    keys = s3_keys(cluster, "ckpt", f"runs/{run_name}/")
-    return {int(m.group(1)) for k in keys if (m := re.search(r"checkpoint_(\d{8})/", k))}
+    prefix = f"runs/{run_name}/"
+    return checkpoint_steps({k.removeprefix(prefix).split("/")[0] for k in s3_keys(cluster, "ckpt", prefix)})
 
 
 def wait_for_checkpoint(cluster: BedCluster, run_name: str, step: int, timeout: float = 120) -> None:

@@ -336,9 +336,9 @@ def test_tracking_load_benchmark_reports_what_one_authenticated_server_answered(
 @pytest.mark.timeout(900)
 def test_soak_benchmark_samples_every_process_and_checks_each_image_and_step(tmp_path):
     """A quarter of a minute of the soak on 1,100 images, counted from when both training workers are up (the job's
-    start takes a minute or more: Ray, the shards listed in S3, the workers): more than 1,000 shards in the loopback S3 (its
-    listings paginate), the driver's own Ray with 2 training workers sampled, exit 143 at SIGTERM, every logged
-    step once and every image taken as often as every other (+-1) over the epochs so far."""
+    start takes a minute or more: Ray, the shards listed in S3, the workers): more than 1,000 shards in the loopback
+    S3 (its listings paginate), the driver's own Ray with 2 training workers sampled, exit 143 at SIGTERM, every
+    logged step once and every image taken as often as every other (+-1) over the epochs so far."""
     out = tmp_path / "soak"
     r = job_subprocess("benchmark.py", "soak", "--images", "1100", "--minutes", "0.25", "--sample-s", "2",
                        "--warmup-min", "0", "--out", str(out), "--set", "model.ngf=16", "--set", "model.ndf=16",

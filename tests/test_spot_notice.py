@@ -14,16 +14,22 @@ from conftest import REPO
 from imds_server import make_server
 
 
+def load_spot_notice():
+    """cluster/spot_notice.py as a module (it is a script, not part of the package); it reads DCGAN_IMDS_URL as it
+    loads."""
+    spec = importlib.util.spec_from_file_location("spot_notice", REPO / "cluster" / "spot_notice.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture()
 def imds(monkeypatch, tmp_path):
     notice = tmp_path / "notice"
     server = make_server(0, notice, "10.0.1.17")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("DCGAN_IMDS_URL", f"http://127.0.0.1:{server.server_address[1]}")
-    spec = importlib.util.spec_from_file_location("spot_notice", REPO / "cluster" / "spot_notice.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module, notice
+    yield load_spot_notice(), notice
     server.shutdown()
 
 
@@ -43,8 +49,5 @@ def test_a_spot_notice_becomes_a_preemption_drain_with_its_deadline(imds):
 
 def test_off_ec2_it_exits_at_once(monkeypatch, capsys):
     monkeypatch.setenv("DCGAN_IMDS_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
-    spec = importlib.util.spec_from_file_location("spot_notice", REPO / "cluster" / "spot_notice.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main() == 0
+    assert load_spot_notice().main() == 0
     assert "not a spot instance" in capsys.readouterr().out

@@ -19,10 +19,9 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from conftest import EXIT_BUSY, tiny_overrides
+from conftest import EXIT_BUSY, checkpoint_steps, tiny_overrides
 from dcgan_dist.config import load_config
 from dcgan_dist.tracking import find_run
-from dcgan_dist.train_loop import CHECKPOINT_NAME
 from dcgan_dist.trainer import train
 
 
@@ -145,11 +144,6 @@ def live_train_workers() -> list[int]:
     actors = list_actors(address=ray.get_runtime_context().gcs_address,  # ours, not another Ray on the machine
                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return [a.pid for a in actors]
-
-
-def checkpoint_steps(names) -> set[int]:
-    """The steps of those names that are checkpoint folders' (train_loop.CHECKPOINT_NAME)."""
-    return {int(n.removeprefix("checkpoint_")) for n in names if CHECKPOINT_NAME.fullmatch(n)}
 
 
 def staged() -> set[Path]:
