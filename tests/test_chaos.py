@@ -130,10 +130,13 @@ def test_outsiders_and_clients_without_credentials_are_refused(cluster):
         r = outsider.run([sys.executable, "-c", probe, f"{cluster.dashboard}/api/jobs/", token], timeout=60)
         assert r.stdout.strip() in answer, r.stdout + r.stderr[-2000:]
     join = f"import ray; ray.init('ray://{head}:10001'); print('joined', len(ray.nodes()))"
+    # A refused client retries its connect three times, 5, 10 and 15 s apart by default; 1 s apart here, for both
+    # tokens alike (Ray's own settings: the right token is in as soon as the first try).
+    retries = {"RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1", "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "1"}
     for token, joins in (("0" * 64, False), (cluster.token, True)):
         for _ in range(3):
             client = outsider.run([sys.executable, "-c", join],
-                                  env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, timeout=120)
+                                  env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **retries}, timeout=120)
             out = client.stdout + client.stderr
             raced = any(s in out for s in RAY_CLIENT_SPAWN_RACE)
             if not raced:
