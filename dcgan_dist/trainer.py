@@ -18,7 +18,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from dcgan_dist import champion, checkpoint, evaluation, networks, tracking, train_loop
+from dcgan_dist import champion, checkpoint, evaluation, networks, tracking, train_loop, validation_task
 from dcgan_dist.config import Config, DataConfig
 from dcgan_dist.data import shards, sources
 from dcgan_dist.data.loader import ShardSet, resolve_shards
@@ -134,6 +134,17 @@ def run_config(cfg: Config, name: str, storage_path: str | None = None, callback
     )
 
 
+def validation_config(cfg: Config, run_id: str, driver_ip: str) -> ray.train.ValidationConfig | None:
+    """Evaluations scored by a Ray task beside training. Its function travels by name through Ray Train's
+    controller, which imports the function's module only to hand it on: `validation_task`, which imports nothing."""
+    if not cfg.train.eval_every:
+        return None
+    return ray.train.ValidationConfig(
+        validation_task.score_checkpoint, ray_remote_kwargs={"num_cpus": cfg.metrics.eval_cpus},
+        task_config=ray.train.ValidationTaskConfig(
+            fn_kwargs={"config": cfg.to_dict(), "run_id": run_id, "driver_ip": driver_ip}))
+
+
 def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
                  init_from: ray.train.Checkpoint | None = None, loop=train_loop_per_worker,
                  score_in_loop: bool = False, stop_request=None, lease: dict | None = None) -> TorchTrainer:
@@ -147,12 +158,7 @@ def make_trainer(cfg: Config, run_id: str, run_cfg: ray.train.RunConfig,
     # notice still counts as alive for a while; the first restart waits this long for it before trying fewer.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(r.start_timeout_s)
     driver_ip = ray.util.get_node_ip_address()  # where a loopback tracking URI points
-    validation = None
-    if cfg.train.eval_every and not score_in_loop:
-        validation = ray.train.ValidationConfig(
-            evaluation.score_checkpoint, ray_remote_kwargs={"num_cpus": cfg.metrics.eval_cpus},
-            task_config=ray.train.ValidationTaskConfig(
-                fn_kwargs={"config": cfg.to_dict(), "run_id": run_id, "driver_ip": driver_ip}))
+    validation = None if score_in_loop else validation_config(cfg, run_id, driver_ip)
     return TorchTrainer(
         loop,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "init_from": init_from,

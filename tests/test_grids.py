@@ -23,8 +23,8 @@ def test_a_grid_is_torchvisions_make_grid_of_the_same_images(n, channels, nrow):
 
 
 def test_the_training_loop_imports_no_torchvision():
-    """Every start of a training group imports the loop in each worker and the controller: torchvision (torch._dynamo
-    and sympy with it) would add about 1.5 s to each."""
+    """Every start of a training group imports the loop in each worker: torchvision (torch._dynamo and sympy with it)
+    would add about 1.5 s to each."""
     code = "import sys, dcgan_dist.train_loop; print(sorted(m for m in ('torchvision', 'sympy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
