@@ -9,8 +9,10 @@ it finds no metadata service and exits.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from datetime import datetime, timezone
 IMDS = os.environ.get("DCGAN_IMDS_URL", "http://169.254.169.254")  # tests point it at their own server
 POLL_S = 5
 TOKEN_REFRESH_S = 3600  # tokens are asked for 6 h; a node lives longer
+LOCK = os.path.expanduser("~/spot_notice.lock")  # beside its log; holds the running watcher's pid
 
 
 def _get(path: str, token: str) -> tuple[int, str]:
@@ -78,6 +81,40 @@ def drain_command(seconds: int, node_id: str) -> list[str]:
             "--reason-message=AWS spot interruption notice", f"--deadline-remaining-seconds={seconds}"]
 
 
+def is_watcher(pid: int) -> bool:
+    """Whether `pid` is a spot_notice.py (a pid in the lock file may be a stale one, reused since)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"spot_notice.py" in f.read()
+    except OSError:  # gone already
+        return False
+
+
+def take_over(path: str = LOCK):
+    """Be this node's only watcher: end the one an earlier `ray up` started, and hold the lock until we exit. (Setup
+    commands run again when a `ray up` brings changed files: two watchers would drain twice, one with old code.)"""
+    lock = open(path, "a+")
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()  # the holder's pid, once it has written it (until then an older one's)
+            if holder.isdigit() and is_watcher(int(holder)):
+                print(f"ending the watcher started before, pid {holder}", flush=True)
+                try:
+                    os.kill(int(holder), signal.SIGTERM)
+                except ProcessLookupError:  # it ended meanwhile
+                    pass
+            time.sleep(0.5)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock  # the lock lasts as long as this open file
+
+
 def main() -> int:
     try:
         token = imds_token()
@@ -85,6 +122,7 @@ def main() -> int:
     except OSError as e:
         print(f"no EC2 instance metadata ({e}): not a spot instance, nothing to watch")
         return 0
+    lock = take_over()  # noqa: F841 (held while this runs)
     fetched, left = time.monotonic(), None
     while left is None:
         time.sleep(POLL_S)

@@ -51,3 +51,43 @@ def test_off_ec2_it_exits_at_once(monkeypatch, capsys):
     monkeypatch.setenv("DCGAN_IMDS_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     assert load_spot_notice().main() == 0
     assert "not a spot instance" in capsys.readouterr().out
+
+
+def test_a_second_watcher_on_a_node_ends_the_first(tmp_path):
+    """A `ray up` that brings changed files runs the node's setup commands again, which start another watcher: the
+    new one ends the old (which would drain the node a second time, with old code) and holds the node's lock."""
+    import subprocess
+    import sys
+    import time
+
+    server = make_server(0, tmp_path / "notice", "10.0.1.17")  # no notice: a watcher polls until it is ended
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "DCGAN_IMDS_URL": f"http://127.0.0.1:{server.server_address[1]}"}
+    lock = tmp_path / "spot_notice.lock"
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(REPO / "cluster" / "spot_notice.py")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def holder(proc: subprocess.Popen) -> bool:
+        deadline = time.time() + 30
+        while time.time() < deadline and not (lock.exists() and lock.read_text() == str(proc.pid)):
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.1)
+        return lock.read_text() == str(proc.pid)
+
+    first = start()
+    second = None
+    try:
+        assert holder(first)
+        second = start()
+        assert holder(second)
+        assert first.wait(10) == -15 and second.poll() is None  # SIGTERM ended the first; the second watches
+        assert f"ending the watcher started before, pid {first.pid}" in second.stdout.readline()
+    finally:
+        for proc in (first, second):
+            if proc:
+                proc.kill()
+                proc.wait()
+        server.shutdown()
