@@ -38,9 +38,10 @@ def parse_config(args: argparse.Namespace) -> Config:
     if args.help_config:
         print(describe())
         sys.exit(0)
-    from dcgan_dist.tracking import ready_store, resolve_uri  # here, not at the top: `--help` needs no MLflow import
-
     cfg = load_config(args.config, args.overrides)
+    # Imported once the config is read: `--help` and a mistyped key answer at once, without torch and MLflow.
+    from dcgan_dist.tracking import ready_store, resolve_uri
+
     # Resolved here, once, relative to where the user typed it: Ray workers run in other folders.
     cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
     ready_store(cfg.tracking.uri)

@@ -363,6 +363,16 @@ def test_soak_benchmark_samples_every_process_and_checks_each_image_and_step(tmp
     assert len(re.findall(r"rank \d of 2 .* malloc arenas (capped at 2|as the environment set)", job_log)) == 2
 
 
+@pytest.mark.parametrize("job", ["train.py", "tune.py", "evaluate.py", "sample.py"])
+def test_a_mistyped_key_is_refused_before_torch_mlflow_or_ray_is_imported(job, tmp_path):
+    """A typo costs the interpreter's start, not the 3-4 CPU-seconds of torch's and MLflow's imports. Python's own
+    import log (PYTHONPROFILEIMPORTTIME) says what the job imported before it refused."""
+    r = job_subprocess(job, "--set", "train.stepz=5", cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"}, timeout=60)
+    assert r.returncode == EXIT_CONFIG and "unknown config key 'train.stepz'" in r.stderr.splitlines()[-1], r.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "dcgan_dist.config" in imported and not imported & {"torch", "mlflow", "ray"}, sorted(imported)
+
+
 @pytest.mark.parametrize("job", ["train.py", "tune.py", "evaluate.py", "sample.py", "experiments.py",
                                  "prepare_data.py", "benchmark.py"])
 def test_every_jobs_help_ends_with_examples(job, tmp_path):
