@@ -2,8 +2,8 @@
 
 Why a module of its own: Ray pickles the task's function by name, and Ray Train's controller unpickles it with the
 run's settings, only to hand it on to the task. Named from `dcgan_dist.evaluation`, it made every controller import
-torch's extras, MLflow and the metrics (about 1.2 CPU-seconds a start, on the head node); the task imports them
-when it runs.
+our training modules, MLflow and the metrics (about 1.2 CPU-seconds a start, on the head node); the task imports
+them when it runs.
 """
 
 
