@@ -53,17 +53,15 @@ def test_off_ec2_it_exits_at_once(monkeypatch, capsys):
     assert "not a spot instance" in capsys.readouterr().out
 
 
-def test_a_second_watcher_on_a_node_ends_the_first(tmp_path):
+def test_a_second_watcher_on_a_node_ends_the_first(imds, tmp_path):
     """A `ray up` that brings changed files runs the node's setup commands again, which start another watcher: the
     new one ends the old (which would drain the node a second time, with old code) and holds the node's lock."""
+    import os
     import subprocess
     import sys
     import time
 
-    server = make_server(0, tmp_path / "notice", "10.0.1.17")  # no notice: a watcher polls until it is ended
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "DCGAN_IMDS_URL": f"http://127.0.0.1:{server.server_address[1]}"}
+    env = {**os.environ, "HOME": str(tmp_path)}  # with the fixture's DCGAN_IMDS_URL; no notice: the watchers poll
     lock = tmp_path / "spot_notice.lock"
 
     def start() -> subprocess.Popen:
@@ -75,7 +73,7 @@ def test_a_second_watcher_on_a_node_ends_the_first(tmp_path):
         while time.time() < deadline and not (lock.exists() and lock.read_text() == str(proc.pid)):
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.1)
-        return lock.read_text() == str(proc.pid)
+        return lock.exists() and lock.read_text() == str(proc.pid)
 
     first = start()
     second = None
@@ -90,4 +88,3 @@ def test_a_second_watcher_on_a_node_ends_the_first(tmp_path):
             if proc:
                 proc.kill()
                 proc.wait()
-        server.shutdown()
