@@ -147,6 +147,15 @@ def checkpoint_steps(names) -> set[int]:
     return {int(n.removeprefix("checkpoint_")) for n in names if CHECKPOINT_NAME.fullmatch(n)}
 
 
+def imported_by(code: str, names, stdin: bytes = b"") -> list[str]:
+    """Which of `names` a fresh interpreter holds in sys.modules after running `code` (reading `stdin`): what a
+    process that does only that pays for in imports."""
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {sorted(names)!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], input=stdin, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
+    return out.stdout.decode().split()
+
+
 def sets(overrides: list[str]) -> list[str]:
     """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]: overrides as a job's command line."""
     return [x for o in overrides for x in ("--set", o)]

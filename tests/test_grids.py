@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from torchvision.utils import make_grid
 
+from conftest import imported_by
 from dcgan_dist.grids import grid, grid_pixels
 
 
@@ -25,6 +23,4 @@ def test_a_grid_is_torchvisions_make_grid_of_the_same_images(n, channels, nrow):
 def test_the_training_loop_imports_no_torchvision():
     """Every start of a training group imports the loop in each worker: torchvision (torch._dynamo and sympy with it)
     would add about 1.5 s to each."""
-    code = "import sys, dcgan_dist.train_loop; print(sorted(m for m in ('torchvision', 'sympy') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+    assert imported_by("import dcgan_dist.train_loop", ["torchvision", "sympy"]) == []

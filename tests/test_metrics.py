@@ -7,8 +7,6 @@ import dataclasses
 import functools
 import hashlib
 import itertools
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,6 +21,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torchvision.io import write_png
 from torchvision.transforms.functional import gaussian_blur
 
+from conftest import imported_by
 from dcgan_dist.config import MetricsConfig
 from dcgan_dist.errors import ConfigError
 from dcgan_dist.metrics import fid
@@ -348,7 +347,5 @@ def test_load_inception_rejects_wrong_files(weights, tmp_path):
 
 
 def test_metric_modules_import_no_ray_or_mlflow():
-    code = ("import sys, dcgan_dist.metrics.swd, dcgan_dist.metrics.fid, dcgan_dist.metrics.inception; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    code = "import dcgan_dist.metrics.swd, dcgan_dist.metrics.fid, dcgan_dist.metrics.inception"
+    assert imported_by(code, ["ray", "mlflow"]) == []
